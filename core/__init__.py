@@ -1,0 +1,1 @@
+"""Shared plumbing: configs, image sources, run setup, checkpoints, EMA, logging."""

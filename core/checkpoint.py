@@ -1,0 +1,79 @@
+"""Atomic, safe checkpoint files: safetensors for weights, never arbitrary unpickling."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
+
+    Works for files and folders, so a crash never leaves a half-written checkpoint behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and target.is_dir():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(target, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict atomically; tensors are made contiguous and de-aliased first."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp))
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return load_file(str(path))
+
+
+def load_torch_weights(path: str | Path) -> dict:
+    """Load an official `.pt`/`.ckpt` release without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_keys(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse a state dict with a missing or unexpected key, or a shape that differs."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(given) if tuple(expected[k].shape) != tuple(given[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} with wrong shapes (e.g. {k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)})"
+            )
+        raise KeyError(f"{what}: state dict does not match the model: " + "; ".join(parts))

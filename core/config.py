@@ -1,0 +1,150 @@
+"""Config composition: base <- family <- preset <- `key=value` overrides (DESIGN §4).
+
+Every key a preset or override sets must already exist in base or family; an unknown key
+stops the command before any work with a message naming the nearest valid key. A key whose
+value is a mapping and that names a config group (``data=imagenet``, ``encoder=dinov2_b``)
+is replaced by the group file ``configs/<group path>/<name>.yaml`` before other overrides.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return cfg
+
+
+def named_config(group: str, name: str) -> DictConfig:
+    """`configs/<group>/<name>.yaml`, or `name` itself when it is a path to a YAML file."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return load_yaml(name)
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        choices = available(group)
+        raise ConfigError(f"no {group} config named {name!r}; available: {', '.join(choices) or 'none'}")
+    return load_yaml(path)
+
+
+def available(group: str) -> list[str]:
+    folder = CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base") if folder.is_dir() else []
+
+
+def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(dotted_keys(cfg._get_node(k), full + "."))
+    return keys
+
+
+def _check_known(schema: DictConfig, update: DictConfig, where: str) -> None:
+    known = set(dotted_keys(schema))
+    for key in dotted_keys(update):
+        # Below a mapping that is free-form in the schema (an empty dict), anything goes.
+        if key not in known and not any(key.startswith(p + ".") and _is_open(OmegaConf.select(schema, p)) for p in known):
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _is_open(node: Any) -> bool:
+    return isinstance(node, DictConfig) and len(node) == 0
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), _parse_value(value)))
+    return pairs
+
+
+def _parse_value(value: str) -> Any:
+    """YAML typing for command-line values: `lr=1e-4` is a float, `size=[1,2]` a list."""
+    return OmegaConf.create(f"v: {value}").v if value.strip() else ""
+
+
+def compose(
+    stage: str,
+    family: str | None = None,
+    preset: str | None = None,
+    overrides: Iterable[str] = (),
+    groups: dict[str, str] | None = None,
+) -> DictConfig:
+    """Compose the config of one command.
+
+    stage: folder under configs/ holding ``base.yaml`` and the family files.
+    groups: maps a top-level key to the configs/ sub-folder whose files may replace it.
+    """
+    groups = {"data": "data", **(groups or {})}
+    cfg = load_yaml(CONFIG_DIR / stage / "base.yaml")
+    if family is not None:
+        # A family file may add its own keys (its model's options); later layers may not.
+        cfg = OmegaConf.merge(cfg, named_config(stage, family))
+    pairs = parse_overrides(overrides)
+
+    # Group selection first, so `data=imagenet data.root=/x` works in either order.
+    rest = []
+    for key, value in pairs:
+        if key in groups and isinstance(value, str) and isinstance(cfg.get(key), DictConfig):
+            cfg[key] = named_config(groups[key], value)
+        else:
+            rest.append((key, value))
+
+    if preset is not None:
+        cfg = _apply_preset(cfg, preset, stage, family)
+
+    for key, value in rest:
+        update = OmegaConf.from_dotlist([f"{key}=x"])
+        _check_known(cfg, update, "the command line")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _apply_preset(cfg: DictConfig, preset: str, stage: str, family: str | None) -> DictConfig:
+    """A preset file holds sections named after a stage (``tokenizer``) or a family (``vavae``)."""
+    doc = named_config("preset", preset)
+    for section in [stage, family]:
+        if section is not None and section in doc:
+            part = doc[section]
+            _check_known(cfg, part, f"preset/{preset}.yaml [{section}]")
+            cfg = OmegaConf.merge(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def split_cli(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """Separate `preset=NAME` and other `key=value` items from positional words."""
+    positional, preset, overrides = [], None, []
+    for item in argv:
+        if item.startswith("preset="):
+            preset = item.split("=", 1)[1]
+        elif "=" in item and not item.startswith("-"):
+            overrides.append(item)
+        else:
+            positional.append(item)
+    return positional, preset, overrides

@@ -1,0 +1,127 @@
+"""Run setup on accelerate: devices, precision, seeding, the run folder, resumable training state.
+
+A run folder holds `config.yaml`, `metrics.jsonl`, and `checkpoints/step_NNNNNNN/` written
+atomically (accelerate state for model/optimizer/RNG, `ema.safetensors`, `trainer_state.json`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from omegaconf import DictConfig, OmegaConf
+
+from core.checkpoint import save_safetensors, load_safetensors
+from core.log import JsonlWriter, get_logger
+
+log = get_logger("runtime")
+
+
+def make_accelerator(mixed_precision: str = "auto", cpu: bool | None = None) -> Accelerator:
+    """bf16 autocast on GPU, fp32 on CPU ("auto"); `cpu=True` is what makes torchrun give gloo DDP on CPU."""
+    use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    precision = ("no" if use_cpu else "bf16") if mixed_precision == "auto" else mixed_precision
+    if use_cpu and precision == "bf16":
+        log.info("bf16 autocast on CPU is slow; running fp32")
+        precision = "no"
+    return Accelerator(
+        cpu=use_cpu, mixed_precision=precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=False),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunFolder:
+    """The folder of one run: config, metrics, checkpoints; only the main process writes."""
+
+    def __init__(self, path: str | Path, accelerator: Accelerator) -> None:
+        self.path = Path(path)
+        self.acc = accelerator
+        self.ckpt_dir = self.path / "checkpoints"
+        if accelerator.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        self.metrics = JsonlWriter(self.path / "metrics.jsonl")
+
+    def save_config(self, cfg: DictConfig) -> None:
+        """Write the config; a resumed run must use the same config it started with."""
+        path = self.path / "config.yaml"
+        text = OmegaConf.to_yaml(cfg)
+        if path.is_file() and OmegaConf.load(path) != cfg:
+            old = OmegaConf.load(path)
+            diff = sorted(k for k in set(_flat(old)) | set(_flat(cfg)) if _flat(old).get(k) != _flat(cfg).get(k))
+            raise ValueError(
+                f"{self.path} holds a run with a different config (keys differ: {diff[:8]}); "
+                "use a new run folder or the same settings to resume"
+            )
+        if self.acc.is_main_process:
+            path.write_text(text)
+
+    def log(self, **fields: Any) -> None:
+        if self.acc.is_main_process:
+            self.metrics.write(**fields)
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "trainer_state.json").is_file())
+        return done[-1] if done else None
+
+    def save_training_state(self, step: int, ema_state: dict[str, torch.Tensor] | None, extra: dict[str, Any] | None = None,
+                            keep: int = 2) -> Path:
+        """All ranks call this. Writes to a temporary folder, then the main process renames it."""
+        final = self.ckpt_dir / f"step_{step:07d}"
+        tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp), safe_serialization=True)
+        if self.acc.is_main_process:
+            if ema_state is not None:
+                save_safetensors(ema_state, tmp / "ema.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(p for p in self.ckpt_dir.glob("step_*") if p != final)[:-keep or None]:
+                if keep > 0:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_training_state(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        self.acc.load_state(str(folder))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        ema = load_safetensors(folder / "ema.safetensors") if (folder / "ema.safetensors").is_file() else None
+        return state, ema
+
+
+def _flat(cfg: Any) -> dict[str, Any]:
+    return {k: v for k, v in _walk(OmegaConf.to_container(cfg, resolve=True))}
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0, enabled: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True)
+
+
+def fused_adam_kwargs() -> dict[str, Any]:
+    return {"fused": True} if torch.cuda.is_available() else {}

@@ -1,0 +1,73 @@
+import pytest
+from omegaconf import OmegaConf
+
+from core import config
+from core.config import ConfigError, compose
+
+
+@pytest.fixture
+def configs(tmp_path, monkeypatch):
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "preset").mkdir()
+    (tmp_path / "stage" / "base.yaml").write_text("train:\n  lr: 1.0e-4\n  steps: 10\ndata:\n  kind: synthetic\n  image_size: 64\nextra: {}\n")
+    (tmp_path / "stage" / "fam.yaml").write_text("model:\n  width: 32\ntrain:\n  steps: 20\n")
+    (tmp_path / "data" / "big.yaml").write_text("kind: imagefolder\nroot: /x\nimage_size: 256\n")
+    (tmp_path / "preset" / "demo.yaml").write_text("stage:\n  train:\n    steps: 3\nfam:\n  model:\n    width: 8\nother:\n  nope: 1\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    return tmp_path
+
+
+def test_layers_compose_in_order(configs):
+    cfg = compose("stage", "fam", "demo", ["train.lr=0.5"])
+    assert cfg.train.steps == 3 and cfg.model.width == 8 and cfg.train.lr == 0.5
+
+
+def test_family_without_preset(configs):
+    cfg = compose("stage", "fam")
+    assert cfg.train.steps == 20 and cfg.train.lr == 1.0e-4
+
+
+def test_unknown_key_names_nearest(configs):
+    with pytest.raises(ConfigError, match="train.stpes.*did you mean 'train.steps'"):
+        compose("stage", "fam", None, ["train.stpes=5"])
+
+
+def test_unknown_key_in_preset_is_an_error(configs):
+    (configs / "preset" / "bad.yaml").write_text("stage:\n  train:\n    lrr: 1\n")
+    with pytest.raises(ConfigError, match="train.lrr.*preset/bad.yaml.*train.lr"):
+        compose("stage", "fam", "bad")
+
+
+def test_group_selection_then_override(configs):
+    cfg = compose("stage", "fam", None, ["data.root=/y", "data=big"])
+    assert cfg.data.kind == "imagefolder" and cfg.data.root == "/y"
+
+
+def test_unknown_group_member_lists_choices(configs):
+    with pytest.raises(ConfigError, match="no data config named 'huge'.*big"):
+        compose("stage", None, None, ["data=huge"])
+
+
+def test_open_mapping_accepts_new_keys(configs):
+    assert compose("stage", None, None, ["extra.anything=3"]).extra.anything == 3
+
+
+def test_values_are_typed(configs):
+    cfg = compose("stage", "fam", None, ["train.lr=2e-4", "model.width=[1,2]"])
+    assert isinstance(cfg.train.lr, float) and list(cfg.model.width) == [1, 2]
+
+
+def test_split_cli():
+    pos, preset, over = config.split_cli(["vavae", "preset=demo", "a.b=1", "--flag"])
+    assert pos == ["vavae", "--flag"] and preset == "demo" and over == ["a.b=1"]
+
+
+def test_repo_presets_only_name_known_sections():
+    """Every section of every shipped preset names a stage folder or a family file."""
+    stages = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
+    families = {p.stem for p in config.CONFIG_DIR.glob("*/*.yaml")}
+    for preset in (config.CONFIG_DIR / "preset").glob("*.yaml"):
+        doc = OmegaConf.load(preset) or {}
+        for section in doc:
+            assert section in stages | families, f"{preset.name}: section {section!r} matches no stage or family"

@@ -1,0 +1,118 @@
+"""The Tokenizer contract (DESIGN §3) and the registry of tokenizer families."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from core.checkpoint import save_safetensors
+
+TOKENIZERS: dict[str, type["Tokenizer"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a tokenizer family loadable by name from a saved folder."""
+
+    def wrap(cls: type[Tokenizer]) -> type[Tokenizer]:
+        cls.name = name
+        TOKENIZERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Tokenizer(torch.nn.Module):
+    """Images in [-1, 1] <-> latents [B, C, h, w].
+
+    A subclass stores its constructor keywords in ``self.config`` (plain JSON-able values), so
+    ``save_pretrained`` / ``from_pretrained`` round-trip it without pickling anything.
+    Latent normalisation is not done here: it belongs to the latent store's statistics.
+    """
+
+    name: ClassVar[str] = "tokenizer"
+    latent_channels: int
+    downsample: int
+    config: dict[str, Any]
+
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        side = image_size // self.downsample
+        return (self.latent_channels, side, side)
+
+    # Weights that belong in a saved folder; frozen pretrained parts may be left out by a subclass.
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {"family": self.name, **self.config}
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        save_safetensors(self.saved_state_dict(), folder / "model.safetensors")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Tokenizer":
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        cfg = read_config(folder)
+        family = cfg.pop("family")
+        if family != cls.name and cls is not Tokenizer:
+            raise ValueError(f"{folder} holds a '{family}' tokenizer, not '{cls.name}'")
+        model = TOKENIZERS[family].from_config(cfg)
+        model.load_saved_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval()
+
+    def load_saved_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def load_official(cls, path: str | Path, **kwargs: Any) -> "Tokenizer":
+        raise NotImplementedError(f"{cls.name} has no official release loader")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved tokenizer: {path} is missing")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    """Load any saved tokenizer folder, whatever its family."""
+    import tokenizers.families  # noqa: F401  (registers every family)
+
+    folder = Path(folder)
+    family = read_config(folder).get("family")
+    if family not in TOKENIZERS:
+        raise ValueError(f"{folder}: unknown tokenizer family {family!r}; known: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[family].from_pretrained(folder)
+
+
+def sha256_of(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(tok: Tokenizer, folder: str | Path | None = None) -> dict[str, Any]:
+    """Provenance for a latent store: family, config and the weights' sha256."""
+    info: dict[str, Any] = {"name": tok.name, "config": json.loads(json.dumps(tok.config))}
+    if folder is not None and (Path(folder) / "model.safetensors").is_file():
+        info["checkpoint_sha256"] = sha256_of(Path(folder) / "model.safetensors")
+    return info
