@@ -1,0 +1,1 @@
+"""Generator stage: diffusion/flow models on latents, their objectives, samplers and guidance."""

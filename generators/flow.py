@@ -1,0 +1,95 @@
+"""The linear flow-matching path, its targets, time distributions and losses.
+
+Convention (DESIGN §3): t in [0, 1], t = 0 is pure noise, t = 1 is data,
+x_t = t * x + (1 - t) * eps, velocity v = x - eps. It is LightningDiT's/SiT's own convention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "interpolate",
+    "velocity_target",
+    "sample_t",
+    "shift_time",
+    "unshift_time",
+    "flow_loss",
+    "x_to_velocity",
+]
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, ..., 1] so it broadcasts against ``like``."""
+    return t.reshape(t.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = t * x + (1 - t) * eps for data x, noise eps and times t [B]."""
+    tb = _per_sample(t, x)
+    return tb * x + (1 - tb) * eps
+
+
+def velocity_target(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """d x_t / dt along the linear path: x - eps."""
+    return x - eps
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """LightningDiT's sampling shift t' = s t / (1 + (s - 1) t); s <= 0 means no shift.
+
+    s < 1 moves points towards t = 0 (noise): s = 0.3 is the official setting. In noise time
+    sigma = 1 - t this is the SD3/FLUX shift with alpha = 1/s.
+    """
+    if shift <= 0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def unshift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Inverse of ``shift_time``: t = t' / (s - (s - 1) t')."""
+    if shift <= 0:
+        return t
+    return t / (shift - (shift - 1) * t)
+
+
+def sample_t(
+    n: int,
+    dist: str = "logit_normal",
+    mu: float = 0.0,
+    sigma: float = 1.0,
+    shift: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training times [n] in (0, 1): ``uniform`` or ``logit_normal`` (sigmoid of N(mu, sigma)),
+    then ``shift_time(., shift)`` if shift > 0.
+
+    LightningDiT trains with logit-normal(0, 1) and no shift. The generator, if given, must
+    live on ``device``.
+    """
+    if dist == "uniform":
+        t = torch.rand(n, generator=generator, device=device)
+    elif dist == "logit_normal":
+        t = torch.sigmoid(mu + sigma * torch.randn(n, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown time distribution {dist!r}; choose 'uniform' or 'logit_normal'")
+    return shift_time(t, shift)
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """MSE (mean over C, H, W, then batch) plus ``cos_weight`` times the cosine term.
+
+    The cosine term is 1 - cos(pred, target) along the channel dimension, averaged over the
+    spatial positions and the batch (LightningDiT uses weight 1). Computed in fp32. Returns
+    scalars ``loss``, ``mse`` and ``cos`` (``cos`` is reported even when its weight is 0).
+    """
+    pred, target = pred.float(), target.float()
+    mse = (pred - target).pow(2).mean()
+    cos = (1 - F.cosine_similarity(pred, target, dim=1)).mean()
+    return {"loss": mse + cos_weight * cos, "mse": mse, "cos": cos}
+
+
+def x_to_velocity(x_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, min_gap: float = 0.05) -> torch.Tensor:
+    """Velocity implied by a clean-data prediction: (x_hat - x_t) / max(1 - t, min_gap) (JiT/WiT)."""
+    return (x_hat - x_t) / (1 - _per_sample(t, x_t)).clamp_min(min_gap)

@@ -1,0 +1,100 @@
+"""Guidance: turn conditional (and weaker/unconditional) predictions into one ``denoise_fn``.
+
+v = v_uncond + scale * (v_cond - v_uncond), where ``v_uncond`` is the unconditional prediction for
+classifier-free guidance, or a second, weaker model for AutoGuidance: ``guided`` takes both
+as callables, ``cfg`` is the batched classifier-free case for one class-conditional model.
+
+Options, as LightningDiT uses them:
+- ``interval=(lo, hi)``: guide only samples with lo <= t <= hi, where t is the (already
+  shifted) time the sampler passes; elsewhere the conditional prediction is used alone.
+  LightningDiT's ``cfg_interval_start=0.11`` is ``interval=(0.11, 1.0)``: the noisy start
+  (t < 0.11) is unguided.
+- ``channels``: guide only these output channels; the others keep the conditional
+  prediction. The published LightningDiT results guide channels [0, 1, 2] only; None = all.
+- ``scale <= 1``: no guidance, the plain conditional prediction.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from generators.sampling import DenoiseFn
+
+__all__ = ["combine", "guided", "cfg", "conditional"]
+
+
+def combine(
+    v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, channels: Sequence[int] | None = None
+) -> torch.Tensor:
+    """v_uncond + scale * (v_cond - v_uncond), on ``channels`` only (others stay v_cond)."""
+    if channels is None:
+        return v_uncond + scale * (v_cond - v_uncond)
+    out = v_cond.clone()
+    idx = list(channels)
+    out[:, idx] = v_uncond[:, idx] + scale * (v_cond[:, idx] - v_uncond[:, idx])
+    return out
+
+
+def _in_interval(t: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
+    lo, hi = interval
+    return (t >= lo) & (t <= hi)
+
+
+def _select(active: torch.Tensor, guided_v: torch.Tensor, cond_v: torch.Tensor) -> torch.Tensor:
+    return torch.where(active.reshape(-1, *([1] * (cond_v.ndim - 1))), guided_v, cond_v)
+
+
+def guided(
+    cond_fn: DenoiseFn,
+    uncond_fn: DenoiseFn,
+    scale: float,
+    interval: tuple[float, float] = (0.0, 1.0),
+    channels: Sequence[int] | None = None,
+) -> DenoiseFn:
+    """Guide ``cond_fn`` away from ``uncond_fn`` (unconditional branch or weaker model).
+
+    ``uncond_fn`` is only called for steps where some sample is inside the interval.
+    """
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        active = _in_interval(t, interval)
+        if scale <= 1 or not bool(active.any()):
+            return cond_fn(x, t)
+        v_cond = cond_fn(x, t)
+        return _select(active, combine(v_cond, uncond_fn(x, t), scale, channels), v_cond)
+
+    return fn
+
+
+def conditional(model: nn.Module, y: torch.Tensor) -> DenoiseFn:
+    """The plain class-conditional velocity ``model(x, t, y)``."""
+    return lambda x, t: model(x, t, y)
+
+
+def cfg(
+    model: nn.Module,
+    y: torch.Tensor,
+    scale: float,
+    interval: tuple[float, float] = (0.0, 1.0),
+    channels: Sequence[int] | None = None,
+    null_class: int | None = None,
+) -> DenoiseFn:
+    """Classifier-free guidance for ``model(x, t, y)``: one forward on [cond ; uncond].
+
+    The unconditional half uses ``null_class`` (default ``model.num_classes``). The model
+    must be in eval mode, or its label dropout would corrupt the conditional half.
+    """
+    if model.training:
+        raise ValueError("cfg needs the model in eval mode (label dropout is active in training mode)")
+    null = torch.full_like(y, model.num_classes if null_class is None else null_class)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        active = _in_interval(t, interval)
+        if scale <= 1 or not bool(active.any()):
+            return model(x, t, y)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return _select(active, combine(v_cond, v_uncond, scale, channels), v_cond)
+
+    return fn

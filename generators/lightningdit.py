@@ -1,0 +1,229 @@
+"""LightningDiT (hustvl/LightningDiT): a DiT with SwiGLU, RMSNorm, 2-D RoPE and optional QK-norm.
+
+Parameter names, shapes and the initialisation follow the official ``models/lightningdit.py``,
+so the released checkpoints (XL/1: 351 keys, including the persistent RoPE buffers and the
+frozen ``pos_embed``) load strictly. Time convention (DESIGN §3): t in [0, 1], 0 = noise,
+1 = data; the model predicts the velocity x - eps; the null class is ``num_classes``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core.checkpoint import check_keys, load_torch_weights
+from generators.layers import (
+    Attention,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    VisionRoPE2D,
+    adaln_modulation,
+    make_ffn,
+    make_norm,
+    modulate,
+    sincos_pos_embed_2d,
+)
+
+# Sizes of the official registry ``LightningDiT_models``.
+PRESETS: dict[str, dict[str, int]] = {
+    "LightningDiT-B/1": dict(depth=12, hidden_size=768, patch_size=1, num_heads=12),
+    "LightningDiT-B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "LightningDiT-L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "LightningDiT-XL/1": dict(depth=28, hidden_size=1152, patch_size=1, num_heads=16),
+    "LightningDiT-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    "LightningDiT-1p0B/1": dict(depth=24, hidden_size=1536, patch_size=1, num_heads=24),
+    "LightningDiT-1p0B/2": dict(depth=24, hidden_size=1536, patch_size=2, num_heads=24),
+    "LightningDiT-1p6B/1": dict(depth=28, hidden_size=1792, patch_size=1, num_heads=28),
+    "LightningDiT-1p6B/2": dict(depth=28, hidden_size=1792, patch_size=2, num_heads=28),
+}
+
+# Options of the released ImageNet-256 models on VA-VAE f16d32 latents (32 x 16 x 16).
+RELEASED_OPTIONS: dict[str, object] = dict(
+    input_size=16, in_channels=32, use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=False
+)
+
+
+class LightningDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero; chunk order shift, scale, gate (x2)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        use_qknorm: bool = False,
+        use_swiglu: bool = False,
+        use_rmsnorm: bool = False,
+        wo_shift: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(hidden_size, use_rmsnorm)
+        self.norm2 = make_norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
+        self.mlp = make_ffn(hidden_size, mlp_ratio, use_swiglu)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = adaln_modulation(hidden_size, 4 if wo_shift else 6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class LightningDiT(nn.Module, PyTorchModelHubMixin):
+    """Class-conditional velocity predictor on latents ``[B, C, input_size, input_size]``.
+
+    Constructor keywords and their defaults are the official ones; ``build_lightningdit``
+    applies a size preset and the released options. ``save_pretrained``/``from_pretrained``
+    (folder with ``config.json`` + ``model.safetensors``) come from ``PyTorchModelHubMixin``.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 32,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        use_qknorm: bool = False,
+        use_swiglu: bool = False,
+        use_rope: bool = False,
+        use_rmsnorm: bool = False,
+        wo_shift: bool = False,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.use_checkpoint = use_checkpoint
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = input_size // patch_size
+        # A frozen parameter, not a buffer: the official checkpoints store it as one.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        self.feat_rope = VisionRoPE2D(hidden_size // num_heads, grid) if use_rope else None
+        self.blocks = nn.ModuleList(
+            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official init: xavier Linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        grid = int(self.pos_embed.shape[1] ** 0.5)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C) -> (B, C, H, W); channels are fastest within a patch."""
+        p, c = self.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        return_hidden: list[int] | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Velocity for x_t [B, C, H, W] at times t [B] with labels y [B].
+
+        ``return_hidden``: block indices (0-based) whose output tokens [B, T, D] are returned
+        too, in the order asked, as ``(prediction, hiddens)`` (REPA aligns these).
+        ``force_drop_ids``: samples whose label is replaced by the null class.
+        """
+        wanted = sorted(set(return_hidden or []))
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self.blocks):
+            raise ValueError(f"return_hidden indices must be in [0, {len(self.blocks)}), got {return_hidden}")
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        hidden = {}
+        for i, block in enumerate(self.blocks):
+            if self.use_checkpoint and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, self.feat_rope, use_reentrant=False)
+            else:
+                h = block(h, c, self.feat_rope)
+            if i in wanted:
+                hidden[i] = h
+        out = self.unpatchify(self.final_layer(h, c))
+        if self.learn_sigma:
+            out = out[:, : self.in_channels]
+        if return_hidden is None:
+            return out
+        return out, [hidden[i] for i in return_hidden]
+
+    def load_official_state_dict(self, state: dict) -> None:
+        """Load an official checkpoint dict strictly.
+
+        Accepts a bare state dict, or a training dict (``'ema'`` is preferred, as the official
+        inference does, then ``'model'``); a DDP ``module.`` prefix is stripped.
+        """
+        for key in ("ema", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        check_keys(self.state_dict(), state, "LightningDiT official checkpoint")
+        self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def load_official(cls, path: str | Path, name: str = "LightningDiT-XL/1", **overrides) -> "LightningDiT":
+        """Build ``name`` with the released options (+ overrides) and load an official ``.pt``."""
+        model = build_lightningdit(name, **overrides)
+        model.load_official_state_dict(load_torch_weights(path))
+        return model.eval()
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightningDiT":
+        # PyTorchModelHubMixin loads non-strictly by default; our checkpoints must match exactly.
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+
+def build_lightningdit(name: str, **overrides) -> LightningDiT:
+    """A registry size (``"LightningDiT-XL/1"`` or ``"XL/1"``) with the released options.
+
+    ``overrides`` are constructor keywords, e.g. ``input_size=32`` or ``use_rope=False``.
+    """
+    key = name if name.startswith("LightningDiT-") else f"LightningDiT-{name}"
+    if key not in PRESETS:
+        raise KeyError(f"unknown LightningDiT size {name!r}; choose from {sorted(PRESETS)}")
+    return LightningDiT(**{**PRESETS[key], **RELEASED_OPTIONS, **overrides})

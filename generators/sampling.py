@@ -1,0 +1,129 @@
+"""Samplers that integrate a velocity field from noise (t = 0) to data (t = 1).
+
+``denoise_fn(x, t) -> velocity`` with x [B, ...] and t [B] (a model with its conditioning
+and guidance bound, see ``guidance.py``). The time grid is LightningDiT's: ``steps`` grid
+points ``linspace(0, 1, steps)``, optionally shifted (``flow.shift_time``), so there are
+``steps - 1`` intervals and t = 1 is never given to the model by Euler; the official
+setting "250 steps" is ``steps=250`` (249 model evaluations). Codes that count intervals
+instead (JiT/WiT "50 Heun steps" = linspace(0, 1, 51)) need ``steps = intervals + 1``.
+
+Seeds: ``initial_noise`` draws each sample's noise from its own generator, seeded from
+(seed, global sample index), so a sample does not depend on the batch size or on the
+number of processes that share the work.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from generators.flow import shift_time
+
+__all__ = ["DenoiseFn", "time_grid", "sample", "sample_generators", "initial_noise", "METHODS"]
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+METHODS = ("euler", "heun", "euler_maruyama")
+
+
+def time_grid(steps: int, shift: float = 0.0) -> torch.Tensor:
+    """float32 [steps]: linspace(0, 1, steps) mapped through ``shift_time`` (s <= 0: unshifted)."""
+    if steps < 2:
+        raise ValueError(f"the time grid needs at least 2 points, got steps={steps}")
+    return shift_time(torch.linspace(0, 1, steps), shift)
+
+
+def _seed(seed: int, index: int, stream: int) -> int:
+    # SeedSequence hashes the tuple, so (seed, index) pairs never collide the way seed + index would.
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, dtype=np.uint64)[0])
+
+
+def sample_generators(indices: Sequence[int], seed: int, stream: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from (seed, global index, stream).
+
+    ``initial_noise`` uses stream 0; pass ``stream=1`` for the SDE's per-step noise.
+    """
+    return [torch.Generator().manual_seed(_seed(seed, int(i), stream)) for i in indices]
+
+
+def _randn(generators: Sequence[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:
+    # Drawn on the CPU so the noise is the same whatever device samples it.
+    return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(device)
+
+
+def initial_noise(
+    indices: Sequence[int], shape: Sequence[int], seed: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """z [len(indices), *shape] ~ N(0, I); row k depends only on (seed, indices[k])."""
+    return _randn(sample_generators(indices, seed), shape, device)
+
+
+def _euler(fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        x = x + (t1 - t0) * fn(x, t0.expand(x.shape[0]))
+    return x
+
+
+def _heun(fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Heun's second-order method; the last interval is a plain Euler step (as EDM and JiT do),
+    so the model is never evaluated at t = 1."""
+    n = len(grid) - 1
+    for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:])):
+        dt = t1 - t0
+        d0 = fn(x, t0.expand(x.shape[0]))
+        if i == n - 1:
+            x = x + dt * d0
+        else:
+            d1 = fn(x + dt * d0, t1.expand(x.shape[0]))
+            x = x + dt * (d0 + d1) / 2
+    return x
+
+
+def _euler_maruyama(
+    fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor, generators: Sequence[torch.Generator] | None, norm: float
+) -> torch.Tensor:
+    """SiT's reverse SDE with diffusion coefficient w(t) = norm * (1 - t) (SiT's ``"sigma"`` form).
+
+    dx = [v + w * score] dt + sqrt(2 w) dW, with the score of the linear path
+    score = (t v - x) / (1 - t); so w * score = norm * (t v - x), finite at t = 1. The last
+    interval takes the mean (no noise), as SiT's ``last_step="Mean"`` does.
+    """
+    n = len(grid) - 1
+    for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:])):
+        dt = t1 - t0
+        v = fn(x, t0.expand(x.shape[0]))
+        x = x + dt * (v + norm * (t0 * v - x))
+        if i < n - 1:
+            w = norm * (1 - t0)
+            noise = torch.randn_like(x) if generators is None else _randn(generators, x.shape[1:], x.device)
+            x = x + torch.sqrt(2 * w * dt) * noise.to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample(
+    denoise_fn: DenoiseFn,
+    z: torch.Tensor,
+    steps: int,
+    method: str = "euler",
+    shift: float = 0.0,
+    generators: Sequence[torch.Generator] | None = None,
+    diffusion_norm: float = 1.0,
+) -> torch.Tensor:
+    """Integrate from noise z (t = 0) to t = 1 on ``time_grid(steps, shift)``.
+
+    ``method``: ``euler`` (steps - 1 evaluations, the official sampler), ``heun``
+    (2 (steps - 1) - 1 evaluations), or ``euler_maruyama`` (SDE, steps - 1 evaluations;
+    its noise comes from ``generators``, one per sample, e.g. ``sample_generators(indices,
+    seed, stream=1)``, or from the global RNG when None; ``diffusion_norm`` scales w(t)).
+    """
+    grid = time_grid(steps, shift).to(z.device)
+    if method == "euler":
+        return _euler(denoise_fn, z, grid)
+    if method == "heun":
+        return _heun(denoise_fn, z, grid)
+    if method == "euler_maruyama":
+        if generators is not None and len(generators) != z.shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {z.shape[0]}")
+        return _euler_maruyama(denoise_fn, z, grid, generators, diffusion_norm)
+    raise ValueError(f"unknown sampling method {method!r}; choose from {METHODS}")
