@@ -1,0 +1,1 @@
+"""Evaluation: ADM-protocol generation metrics (FID, sFID, IS, precision/recall) and reconstruction metrics."""
