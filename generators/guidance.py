@@ -22,7 +22,7 @@ from torch import nn
 
 from generators.sampling import DenoiseFn
 
-__all__ = ["combine", "guided", "cfg", "conditional"]
+__all__ = ["combine", "guided", "cfg", "conditional", "autoguidance"]
 
 
 def combine(
@@ -98,3 +98,26 @@ def cfg(
         return _select(active, combine(v_cond, v_uncond, scale, channels), v_cond)
 
     return fn
+
+
+def autoguidance(
+    model: nn.Module,
+    guide_model: nn.Module,
+    y: torch.Tensor,
+    scale: float,
+    interval: tuple[float, float] = (0.0, 1.0),
+    channels: Sequence[int] | None = None,
+) -> DenoiseFn:
+    """AutoGuidance: guide ``model`` away from a weaker ``guide_model`` (e.g. an early checkpoint
+    of a small model), both conditioned on the same labels ``y``.
+
+    RAE's released 256 px result is DiT^DH-XL guided by DiT^DH-S after 14 epochs at scale 1.42
+    over the whole time range. RAE's configs give the interval in its own time t_rae = 1 - t:
+    their (t_min, t_max) is ``interval=(1 - t_max, 1 - t_min)`` here (the same for CFG).
+    The result is a ``denoise_fn`` like ``cfg``'s, so it can itself
+    be the conditional branch of ``guided``. Both models must be in eval mode (label dropout).
+    """
+    for what, m in (("model", model), ("guide_model", guide_model)):
+        if m.training:
+            raise ValueError(f"autoguidance needs {what} in eval mode (label dropout is active in training mode)")
+    return guided(conditional(model, y), conditional(guide_model, y), scale, interval, channels)

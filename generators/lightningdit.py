@@ -14,7 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core.checkpoint import check_keys, load_torch_weights
+from core.checkpoint import load_torch_weights
 from generators.layers import (
     Attention,
     FinalLayer,
@@ -28,6 +28,7 @@ from generators.layers import (
     modulate,
     sincos_pos_embed_2d,
 )
+from generators.official import load_official_weights
 
 # Sizes of the official registry ``LightningDiT_models``.
 PRESETS: dict[str, dict[str, int]] = {
@@ -195,15 +196,9 @@ class LightningDiT(nn.Module, PyTorchModelHubMixin):
         """Load an official checkpoint dict strictly.
 
         Accepts a bare state dict, or a training dict (``'ema'`` is preferred, as the official
-        inference does, then ``'model'``); a DDP ``module.`` prefix is stripped.
+        inference does, then ``'model'``); DDP/compile prefixes are stripped.
         """
-        for key in ("ema", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        check_keys(self.state_dict(), state, "LightningDiT official checkpoint")
-        self.load_state_dict(state, strict=True)
+        load_official_weights(self, state, "LightningDiT official checkpoint")
 
     @classmethod
     def load_official(cls, path: str | Path, name: str = "LightningDiT-XL/1", **overrides) -> "LightningDiT":

@@ -6,7 +6,7 @@ builds the same architecture with random weights for tests and demos.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -31,6 +31,7 @@ class EncoderSpec:
     prefix_tokens: int  # class + register tokens, dropped from the output
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    timm_kwargs: dict = field(default_factory=dict)  # architecture settings timm's defaults get wrong
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -38,8 +39,11 @@ ENCODERS: dict[str, EncoderSpec] = {
     "dinov2_b_reg": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 224, 14, 5, IMAGENET_MEAN, IMAGENET_STD),
     "dinov2_l": EncoderSpec("vit_large_patch14_dinov2.lvd142m", 224, 14, 1, IMAGENET_MEAN, IMAGENET_STD),
     "dinov2_l_reg": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 224, 14, 5, IMAGENET_MEAN, IMAGENET_STD),
-    # SigLIP has no class token (it pools with a MAP head, which we do not use).
-    "siglip2_b": EncoderSpec("vit_base_patch16_siglip_256.v2_webli", 256, 16, 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # SigLIP has no class token (it pools with a MAP head, which we do not use). Its MLP uses the tanh
+    # GELU (big_vision, HF); timm's default exact GELU changes the features by ~1e-3.
+    "siglip2_b": EncoderSpec(
+        "vit_base_patch16_siglip_256.v2_webli", 256, 16, 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), {"act_layer": "gelu_tanh"}
+    ),
     "mae_b": EncoderSpec("vit_base_patch16_224.mae", 224, 16, 1, IMAGENET_MEAN, IMAGENET_STD),
     "dinov3_b": EncoderSpec("vit_base_patch16_dinov3.lvd1689m", 256, 16, 5, IMAGENET_MEAN, IMAGENET_STD),
 }
@@ -116,7 +120,7 @@ def build_encoder(
 
     # dynamic_img_size: the position embedding is resampled to the token grid at every forward, as
     # the official VA-VAE VF loss does for DINOv2 at 224 px; the pretrained table is loaded unchanged.
-    kwargs = dict(num_classes=0, dynamic_img_size=True)
+    kwargs = dict(num_classes=0, dynamic_img_size=True, **spec.timm_kwargs)
     if random_init:
         log.warning("encoder %s (%s) has RANDOM weights: for tests and demos only", name, spec.timm_name)
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)

@@ -1,0 +1,273 @@
+"""DiT^DH (RAE, bytetriper/RAE ``DiTwDDTHead``): a LightningDiT-style encoder and a wide, shallow head.
+
+The encoder blocks read x_t (a 1x1 patch embed plus a fixed sin-cos table) conditioned on
+c = SiLU(t_emb + y_emb), one vector per sample. Their output, s = SiLU(t_emb + tokens), projected
+to the head width, conditions the head blocks per token; the head reads its own 1x1 embed of x_t
+(no absolute position table) and ends in a per-token-modulated final layer without a gate. Both
+parts use RMSNorm, SwiGLU and 2-D RoPE. The time embedding is Gaussian-Fourier with a fixed random
+vector ``t_embedder.W`` that is part of the checkpoint. Parameter names, shapes and the
+initialisation follow the official code, so the released checkpoints (XL: 382 keys) load strictly.
+
+Time convention. RAE trains with t_rae = 0 at the data and 1 at the noise,
+x_t = (1 - t_rae) x + t_rae eps, and regresses eps - x. A network trained that way is a fixed
+function of t_rae, so the conversion to our convention (DESIGN §3: t = 0 noise, t = 1 data,
+velocity x - eps) lives here, at the model boundary, once: ``forward`` takes our t, feeds
+t_rae = 1 - t to the network and returns minus its output. Flow, training, sampling and guidance
+code then treat DiT^DH like any other Denoiser, and the weights we train are interchangeable with
+the official ones (the official code runs our checkpoints as they are, and we run its releases).
+The dimension-dependent time shift is converted separately (``flow.dimension_shift``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core.checkpoint import load_torch_weights
+from generators.layers import (
+    Attention,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    VisionRoPE2D,
+    adaln_modulation,
+    make_ffn,
+    make_norm,
+    sincos_pos_embed_2d,
+)
+from generators.official import load_official_weights
+
+# Encoder sizes; every variant has the same head (width 2048, 2 blocks, 16 heads). S and XL are the
+# released configs, B per the maintainers (issue #75), L the standard DiT-L encoder.
+PRESETS: dict[str, dict[str, list[int]]] = {
+    "DiTDH-S": dict(hidden_size=[384, 2048], depth=[12, 2], num_heads=[6, 16]),
+    "DiTDH-B": dict(hidden_size=[768, 2048], depth=[12, 2], num_heads=[12, 16]),
+    "DiTDH-L": dict(hidden_size=[1024, 2048], depth=[24, 2], num_heads=[16, 16]),
+    "DiTDH-XL": dict(hidden_size=[1152, 2048], depth=[28, 2], num_heads=[16, 16]),
+}
+
+# Options of every released ImageNet-256 model on RAE DINOv2-B latents (768 x 16 x 16).
+RELEASED_OPTIONS: dict[str, object] = dict(
+    input_size=16, patch_size=1, in_channels=768, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+    use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True,
+)
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """t -> MLP([sin(2 pi t W), cos(2 pi t W)]) with a fixed random W ~ N(0, 1) (a frozen parameter,
+    so checkpoints carry it); t is used as it is, in [0, 1]."""
+
+    def __init__(self, hidden_size: int, embedding_size: int = 256):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(embedding_size), requires_grad=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # The official operation order, so the embedding matches it bit for bit.
+        angles = t.to(self.W.dtype)[:, None] * self.W[None, :] * 2 * torch.pi
+        return self.mlp(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+
+
+class DDTBlock(nn.Module):
+    """LightningDiT block whose adaLN condition is one vector per sample [B, D] or per token [B, T, D]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        use_qknorm: bool,
+        use_swiglu: bool,
+        use_rmsnorm: bool,
+        wo_shift: bool,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(hidden_size, use_rmsnorm)
+        self.norm2 = make_norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
+        self.mlp = make_ffn(hidden_size, mlp_ratio, use_swiglu)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = adaln_modulation(hidden_size, 4 if wo_shift else 6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c if c.ndim == 3 else c[:, None])
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
+            shift_msa = shift_mlp = 0.0
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope=rope)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+
+
+class DDTFinalLayer(FinalLayer):
+    """FinalLayer modulated per token by the head's condition [B, T, D] (no gate)."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
+    """Class-conditional velocity predictor on latents ``[B, in_channels, input_size, input_size]``.
+
+    Keywords are the official ones (``hidden_size``, ``depth``, ``num_heads``: [encoder, head]; a
+    single ``num_heads`` serves both); defaults are the released DiT^DH-XL. Only patch size 1
+    exists, as in the official code. ``use_checkpoint`` (not official) recomputes blocks in the
+    backward pass. ``save_pretrained``/``from_pretrained`` come from ``PyTorchModelHubMixin``.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 16,
+        patch_size: int = 1,
+        in_channels: int = 768,
+        hidden_size: list[int] | tuple[int, int] = (1152, 2048),
+        depth: list[int] | tuple[int, int] = (28, 2),
+        num_heads: int | list[int] | tuple[int, int] = (16, 16),
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+        use_pos_embed: bool = True,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        if patch_size != 1:
+            raise ValueError(f"DiT^DH works on 1x1 patches only (as the official model), got patch_size={patch_size}")
+        enc_width, head_width = hidden_size
+        enc_heads, head_heads = (num_heads, num_heads) if isinstance(num_heads, int) else num_heads
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.num_encoder_blocks = depth[0]
+        self.use_checkpoint = use_checkpoint
+
+        self.x_embedder = PatchEmbed(input_size, 1, in_channels, head_width, bias=True)
+        self.s_embedder = PatchEmbed(input_size, 1, in_channels, enc_width, bias=True)
+        self.s_projector = nn.Linear(enc_width, head_width) if enc_width != head_width else nn.Identity()
+        self.t_embedder = GaussianFourierEmbedding(enc_width)
+        self.y_embedder = LabelEmbedder(num_classes, enc_width, class_dropout_prob)
+        self.final_layer = DDTFinalLayer(head_width, 1, in_channels, use_rmsnorm)
+        # A frozen parameter, not a buffer: the official checkpoints store it as one.
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, input_size**2, enc_width), requires_grad=False) if use_pos_embed else None
+        )
+        self.enc_feat_rope = VisionRoPE2D(enc_width // enc_heads, input_size) if use_rope else None
+        self.dec_feat_rope = VisionRoPE2D(head_width // head_heads, input_size) if use_rope else None
+        block = dict(mlp_ratio=mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rmsnorm=use_rmsnorm,
+                     wo_shift=wo_shift)
+        self.blocks = nn.ModuleList(
+            [DDTBlock(enc_width, enc_heads, **block) for _ in range(depth[0])]
+            + [DDTBlock(head_width, head_heads, **block) for _ in range(depth[1])]
+        )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official init: PyTorch-default Linears (no xavier), xavier patch embeds, N(0, 0.02)
+        label table and t-MLP weights, zeroed adaLN and output layers (the output starts at 0)."""
+        for embedder in (self.x_embedder, self.s_embedder):
+            w = embedder.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+            nn.init.zeros_(embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.pos_embed is not None:
+            grid = int(self.pos_embed.shape[1] ** 0.5)
+            self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).float()[None])
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _block(self, i: int, h: torch.Tensor, c: torch.Tensor, rope: nn.Module | None) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self.blocks[i], h, c, rope, use_reentrant=False)
+        return self.blocks[i](h, c, rope)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        return_hidden: list[int] | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Velocity x - eps for x_t [B, C, H, W] at our times t [B] (0 = noise) with labels y [B].
+
+        ``return_hidden``: block indices (0-based over encoder then head blocks) whose output
+        tokens are returned too, in the order asked, as ``(prediction, hiddens)``.
+        ``force_drop_ids``: samples whose label is replaced by the null class.
+        """
+        wanted = sorted(set(return_hidden or []))
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self.blocks):
+            raise ValueError(f"return_hidden indices must be in [0, {len(self.blocks)}), got {return_hidden}")
+        # Our t (0 = noise) -> the network's t_rae = 1 - t (0 = data); see the module docstring.
+        t_emb = self.t_embedder(1 - t)
+        c = F.silu(t_emb + self.y_embedder(y, force_drop_ids))
+        hidden = {}
+        s = self.s_embedder(x)
+        if self.pos_embed is not None:
+            s = s + self.pos_embed
+        for i in range(self.num_encoder_blocks):
+            s = self._block(i, s, c, self.enc_feat_rope)
+            if i in wanted:
+                hidden[i] = s
+        # The head's per-token condition carries the time again; the label only through the encoder.
+        # Contiguous as the official tensor is, so that the projection rounds identically.
+        s = self.s_projector(F.silu(t_emb[:, None] + s).contiguous())
+        h = self.x_embedder(x)
+        for i in range(self.num_encoder_blocks, len(self.blocks)):
+            h = self._block(i, h, s, self.dec_feat_rope)
+            if i in wanted:
+                hidden[i] = h
+        out = self.final_layer(h, s)
+        side = int(out.shape[1] ** 0.5)
+        # The network predicts RAE's eps - x; our velocity is x - eps.
+        out = -out.transpose(1, 2).reshape(out.shape[0], -1, side, side)
+        if return_hidden is None:
+            return out
+        return out, [hidden[i] for i in return_hidden]
+
+    def load_official_state_dict(self, state: dict) -> None:
+        """Load an official checkpoint dict strictly (bare, or ``'ema'``/``'model'`` of a training
+        checkpoint, DDP/compile prefixes stripped); ``t_embedder.W`` and the RoPE tables included."""
+        load_official_weights(self, state, "DiT^DH official checkpoint")
+
+    @classmethod
+    def load_official(cls, path: str | Path, name: str = "XL", **overrides) -> "DiTwDDTHead":
+        """Build preset ``name`` with the released options (+ overrides) and load an official
+        ``stage2_model.pt`` (e.g. ``XL`` for DiTDH-XL, ``S`` for the AutoGuidance model DiTDH-S_ep14)."""
+        model = build_ddt(name, **overrides)
+        model.load_official_state_dict(load_torch_weights(path))
+        return model.eval()
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "DiTwDDTHead":
+        # PyTorchModelHubMixin loads non-strictly by default; our checkpoints must match exactly.
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+
+def build_ddt(name: str, **overrides) -> DiTwDDTHead:
+    """A preset (``"DiTDH-XL"`` or ``"XL"``; S, B, L, XL) with the released options.
+
+    ``overrides`` are constructor keywords, e.g. ``input_size=32`` for 512 px or ``in_channels``.
+    """
+    key = name if name.startswith("DiTDH-") else f"DiTDH-{name}"
+    if key not in PRESETS:
+        raise KeyError(f"unknown DiT^DH size {name!r}; choose from {sorted(PRESETS)}")
+    return DiTwDDTHead(**{**RELEASED_OPTIONS, **PRESETS[key], **overrides})
