@@ -1,0 +1,284 @@
+"""Training batches from latent stores, the latent config, and decoding of generated latents.
+
+A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
+
+    stores: [/data/latents/a.zarr, ...]   # local paths or fsspec URLs, rows concatenated in this order
+    tokenizer: vavae:/ckpt/vavae.pt       # decodes the latents: saved tokenizer folder or family:official_path
+    normalization: store                  # store: (z - mean) / std with the stores' combined statistics
+                                          #   (z / std where they have no mean); none: latents as stored
+    multiplier: 1.0                       # x = normalised z * multiplier (LightningDiT's latent_multiplier)
+    cache_dir: null                       # null: the loader caches the latents in RAM; a local folder:
+                                          #   in a memory-mapped .npy there, shared by the ranks of a node
+
+Reading: random rows straight from Zarr reach only a few thousand per second, so the loader copies
+the valid rows of every store, both views, once into one uncompressed array [rows, 2, C, h, w] (in
+RAM or memory-mapped) and gathers batches from it with one `index_select`.
+
+Batches are a pure function of (seed, step): the global batch at step k is positions
+[k*B, (k+1)*B) of the concatenation of per-epoch permutations of the valid rows, each sample's view
+(plain or mirrored) is drawn from a generator seeded with (seed, k), and rank r of W takes the r-th
+of W equal slices. So a resumed run sees exactly the batches an uninterrupted one would, and
+changing the number of processes changes only how a global batch is split.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from core.config import ConfigError, named_config
+from core.log import get_logger
+from latents.store import LatentStore, Stats, combined_stats
+
+log = get_logger("latents.dataset")
+
+LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "multiplier": 1.0, "cache_dir": None}
+
+
+def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any]) -> DictConfig:
+    """A latent config by name (configs/latent), YAML path, or an already composed mapping; checked."""
+    if isinstance(name_or_cfg, (str, Path)):
+        cfg = named_config("latent", str(name_or_cfg))
+    else:
+        cfg = OmegaConf.create(OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else dict(name_or_cfg))
+    for key in cfg.keys():
+        if key not in LATENT_DEFAULTS:
+            close = difflib.get_close_matches(str(key), list(LATENT_DEFAULTS), n=1)
+            raise ConfigError(f"unknown latent config key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    cfg = OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS), cfg)
+    if isinstance(cfg.stores, str):
+        cfg.stores = [cfg.stores]
+    if not cfg.stores:
+        raise ConfigError("a latent config needs 'stores': one or more latent store paths or URLs")
+    if not cfg.tokenizer:
+        raise ConfigError("a latent config needs 'tokenizer': the tokenizer that decodes its latents")
+    if cfg.normalization not in ("store", "none"):
+        raise ConfigError(f"latent config 'normalization' must be 'store' or 'none', got {cfg.normalization!r}")
+    return cfg
+
+
+class Normalizer:
+    """x = (z - mean) / std * multiplier, without the mean where there is none, and its inverse."""
+
+    def __init__(self, mean: np.ndarray | None, std: np.ndarray | None, multiplier: float = 1.0) -> None:
+        def shaped(a: np.ndarray | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            t = torch.as_tensor(np.asarray(a), dtype=torch.float32)
+            return t[:, None, None] if t.ndim == 1 else t  # per channel [C] or per element [C, h, w]
+
+        self.mean = shaped(mean)
+        self.std = shaped(std)
+        self.multiplier = float(multiplier)
+        # [1, 1, 1] rather than a 0-d tensor: a 0-d float32 would leave float16 input in float16.
+        self.scale = self.multiplier / self.std if self.std is not None else torch.full((1, 1, 1), self.multiplier)
+        self.shift = -self.mean * self.scale if self.mean is not None else None
+
+    @classmethod
+    def from_stats(cls, stats: Stats | None, multiplier: float = 1.0) -> "Normalizer":
+        return cls(None, None, multiplier) if stats is None else cls(stats.mean, stats.std, multiplier)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """float32 result; float16 input is converted in the same pass (the loader's hot path)."""
+        scale = self.scale.to(z.device)
+        if self.mean is None:
+            return torch.mul(z, scale)
+        return torch.addcmul(self.shift.to(z.device), z, scale)  # z * scale - mean * scale
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.to(torch.float32, copy=True).div_(self.scale.to(x.device))
+        return z.add_(self.mean.to(x.device)) if self.mean is not None else z
+
+
+@dataclass(frozen=True)
+class LatentInfo:
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+    num_rows: int  # valid rows over all stores
+    stores: tuple[LatentStore, ...]
+
+
+def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
+    """Shape, classes and size of a latent config's stores, from their metadata only (no latents read).
+
+    A trainer checks these against its model before any compute.
+    """
+    cfg = load_latent_config(latent_cfg)
+    stores = tuple(LatentStore(url) for url in cfg.stores)
+    first = stores[0]
+    for s in stores[1:]:
+        if s.latent_shape != first.latent_shape or s.num_classes != first.num_classes:
+            raise ValueError(f"latent stores disagree: {first.url} has shape {first.latent_shape} and {first.num_classes} "
+                             f"classes, {s.url} has {s.latent_shape} and {s.num_classes}")
+        if s.tokenizer.get("name") != first.tokenizer.get("name") or s.tokenizer.get("config") != first.tokenizer.get("config"):
+            raise ValueError(f"latent stores {first.url} and {s.url} were made by different tokenizers")
+    return LatentInfo(first.latent_shape, first.num_classes, sum(s.num_valid for s in stores), stores)
+
+
+def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...]) -> Normalizer:
+    stats = combined_stats(list(stores)) if cfg.normalization == "store" else None
+    return Normalizer.from_stats(stats, cfg.multiplier)
+
+
+class LatentLoader:
+    """Endless, deterministic, resumable batches of (normalised latents float32 [b, C, h, w], labels int64 [b]).
+
+    `batch_size` is the global batch; each of the `world_size` ranks gets `batch_size // world_size` of it.
+    Iterating yields the batches of steps `step`, `step + 1`, ...; `state_dict()` holds the next step.
+    """
+
+    def __init__(self, stores: list[LatentStore], normalizer: Normalizer, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, cache_dir: str | Path | None = None,
+                 config: DictConfig | None = None) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the {world_size} processes")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.stores, self.normalizer, self.config = list(stores), normalizer, config  # config: for decode_latents
+        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
+        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, start_step
+        self.latent_shape, self.num_classes = self.stores[0].latent_shape, self.stores[0].num_classes
+        cache, labels = load_cache(self.stores, cache_dir)
+        self.num_rows = len(labels)
+        if self.num_rows == 0:
+            raise ValueError("the latent stores hold no valid rows")
+        self._views = torch.from_numpy(cache).view(2 * self.num_rows, *self.latent_shape)  # row r: 2r plain, 2r+1 mirrored
+        self._labels = torch.from_numpy(labels)
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.batch_size
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_rows)
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the global batch of training step `step`."""
+        lo = self.rank * self.local_batch_size
+        pos = step * self.batch_size + lo + np.arange(self.local_batch_size)
+        epochs, offsets = np.divmod(pos, self.num_rows)
+        rows = np.empty(len(pos), dtype=np.int64)
+        for e in np.unique(epochs):
+            rows[epochs == e] = self._perm(int(e))[offsets[epochs == e]]
+        flips = np.random.default_rng([self.seed, 1, step]).integers(0, 2, self.batch_size)[lo : lo + self.local_batch_size]
+        rows_t = torch.from_numpy(rows)
+        z = self._views.index_select(0, 2 * rows_t + torch.from_numpy(flips))
+        return self.normalizer.normalize(z), self._labels[rows_t]
+
+    def __iter__(self):
+        while True:
+            out = self.batch(self.step)
+            self.step += 1
+            yield out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        for key in ("seed", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]}, this loader {getattr(self, key)}: "
+                                 "a resumed run would see other batches")
+        self.step = int(state["step"])
+
+
+def load_cache(stores: list[LatentStore], cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """All valid rows, both views: ([rows, 2, C, h, w], labels int64), in RAM or memory-mapped under cache_dir."""
+    dtype = np.result_type(*[s.array("latents").dtype for s in stores])
+    shape = (sum(s.num_valid for s in stores), 2, *stores[0].latent_shape)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if cache_dir is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+        if nbytes > 0.8 * available:
+            raise MemoryError(f"the latents need {nbytes / 2**30:.1f} GiB in RAM and {available / 2**30:.1f} GiB are "
+                              "available; set cache_dir in the latent config to a local folder to memory-map them instead")
+        cache, labels = np.empty(shape, dtype), np.empty(shape[0], np.int64)
+        fill_cache(stores, cache, labels)
+        return cache, labels
+    key = hashlib.sha1(json.dumps([[s.url, s.attrs["created"], s.num_rows] for s in stores]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"latents-{key}.npy"
+    if not path.is_file():  # concurrent builders each write a temporary file; the last rename wins
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        labels = np.empty(shape[0], np.int64)
+        fill_cache(stores, cache, labels)
+        cache.flush()
+        del cache
+        np.save(path.with_suffix(".labels.npy"), labels)
+        os.replace(tmp, path)
+    log.info("memory-mapping the latent cache %s (%.1f GiB)", path, nbytes / 2**30)
+    # Copy-on-write mapping: writable for torch, never written, pages shared with other processes.
+    return np.load(path, mmap_mode="c"), np.load(path.with_suffix(".labels.npy"))
+
+
+def fill_cache(stores: list[LatentStore], cache: np.ndarray, labels: np.ndarray) -> None:
+    """Copy the valid rows of each store, shard by shard (whole-shard reads are the fast way through Zarr)."""
+    at = 0
+    for store in stores:
+        layout = store.layout
+        lat, flip, lab, valid = (store.array(n) for n in ("latents", "latents_flip", "labels", "valid"))
+        for k in range(layout.num_shards):
+            start, stop = layout.shard_range(k)
+            keep = valid[start:stop]
+            n = int(keep.sum())
+            cache[at : at + n, 0] = lat[start:stop][keep]
+            cache[at : at + n, 1] = flip[start:stop][keep]
+            labels[at : at + n] = lab[start:stop][keep]
+            at += n
+
+
+def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: int, seed: int = 0, rank: int = 0,
+                        world_size: int = 1, start_step: int = 0) -> LatentLoader:
+    """The training loader of a latent config; `batch_size` is global (split over `world_size` ranks)."""
+    cfg = load_latent_config(latent_cfg)
+    info = latent_info(cfg)
+    return LatentLoader(list(info.stores), normalizer_for(cfg, info.stores), batch_size, seed, rank, world_size,
+                        start_step, cfg.cache_dir, cfg)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(spec: str):
+    from latents.extract import open_tokenizer
+
+    return open_tokenizer(spec)
+
+
+def decode_latents(source: LatentLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (as the loader gives and a generator samples) -> images in [-1, 1].
+
+    `source` is a loader from `build_latent_loader` or a latent config; the tokenizer it names is
+    loaded once, checked against the one that made the stores, and run on the latents' device.
+    """
+    if isinstance(source, LatentLoader):
+        if source.config is None:
+            raise ValueError("this loader was not built from a latent config (build_latent_loader), so it names no tokenizer")
+        cfg, stores, normalizer = source.config, source.stores, source.normalizer
+    else:
+        cfg = load_latent_config(source)
+        stores = latent_info(cfg).stores
+        normalizer = normalizer_for(cfg, stores)
+    tok, tok_info = _tokenizer(str(cfg.tokenizer))
+    made_by = stores[0].tokenizer
+    if tok_info["name"] != made_by.get("name") or tok_info["config"] != made_by.get("config"):
+        raise ValueError(f"tokenizer {cfg.tokenizer} ({tok_info['name']}) is not the one that made {stores[0].url} "
+                         f"({made_by.get('name')} with config {made_by.get('config')})")
+    tok.to(latents.device)
+    with torch.no_grad():
+        return tok.decode(normalizer.denormalize(latents))

@@ -1,0 +1,341 @@
+"""`python -m latents.extract`: encode a data set (each image and its mirror) into a latent store.
+
+    python -m latents.extract --tokenizer <saved folder | family:official_path> --data <name | yaml>
+        --out <store path or fsspec URL> [--batch-size 64] [--strict] [--dtype float16|float32]
+        [--stats channel|element] [--no-mean] [--sample-posterior] [--seed 0] [--workers 4]
+        [--shard-size ROWS] [--bf16] [data.key=value ...]
+    torchrun --standalone --nproc_per_node 8 -m latents.extract ...      # each rank writes whole shards
+
+Rows are a seeded permutation of the data set; shards are written whole, each recorded when done
+(latents/store.py). Started again on the same `--out`, the command checks that the store was made
+with the same tokenizer, data and settings (else it stops, naming what differs) and resumes with the
+unfinished shards; the result is bitwise equal to an uninterrupted run, whatever the number of
+processes. Latents depend at the last bit on the batch composition, so batches never straddle a
+shard and the batch size is one of the settings a resumed run must repeat; `--workers` is free.
+
+Posterior samples (`--sample-posterior`, the official VA-VAE recipe) use one generator per row and
+view, seeded from (seed, source index, view), so they depend neither on batch size nor on processes.
+
+Bad files: a file that cannot be decoded is skipped, its row stays invalid (`valid` false, zeros),
+and it is logged and listed with its reason in the store's `skipped` attribute. With `--strict`
+the first bad file stops the command with an error naming it. What stays behind then: the shards
+finished before it (each whole and recorded), never the shard holding the bad file, and the store
+is not marked complete, so no reader opens it (LatentStore refuses incomplete stores). Fix the file
+and run the same command to resume; or delete the store.
+
+Log: JSON lines (start, one per shard, each skipped file, the final statistics) go next to a local
+store as `<out>.extract.jsonl`; for a remote URL, to `./<store name>.extract.jsonl`.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from omegaconf import DictConfig, OmegaConf
+
+from core.config import ConfigError, _check_known, named_config, parse_overrides, to_dict
+from core.images import Skipping, build_source, collate_items
+from core.log import JsonlWriter, get_logger
+from core.runtime import make_accelerator, progress
+from latents import store as zs
+from tokenizers.base import TOKENIZERS, Tokenizer, describe, load_tokenizer, sha256_of
+
+log = get_logger("latents.extract")
+
+# Attributes that a resumed extraction must share with the store it continues.
+RESUME_KEYS = ("tokenizer", "data.source", "image_size", "latent_shape", "num_rows", "num_classes", "extraction")
+
+
+class StrictError(RuntimeError):
+    """--strict met an image that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything besides tokenizer and data that the stored latents depend on."""
+
+    batch_size: int = 64
+    dtype: str = "float16"
+    stats: str = "channel"
+    center: bool = True  # False: no mean in the statistics (RAE)
+    sample_posterior: bool = False
+    seed: int = 0
+    shard_rows: int | None = None  # None: sized by latents.store.make_layout
+    autocast: bool = False  # bf16 autocast while encoding
+
+
+def open_tokenizer(spec: str) -> tuple[Tokenizer, dict[str, Any]]:
+    """A saved tokenizer folder, or `family:path` of an official release; returns it and its provenance."""
+    import tokenizers.families  # noqa: F401  (registers every family)
+
+    if Path(spec).is_dir():
+        tok = load_tokenizer(spec)
+        return tok.eval(), describe(tok, spec)
+    family, sep, path = spec.partition(":")
+    if not sep or family not in TOKENIZERS:
+        raise ValueError(
+            f"--tokenizer {spec!r} is neither a saved tokenizer folder nor family:path with a family in {sorted(TOKENIZERS)}"
+        )
+    tok = TOKENIZERS[family].load_official(path)
+    info = describe(tok)
+    if Path(path).is_file():
+        info["checkpoint_sha256"] = sha256_of(path)
+    return tok.eval(), info
+
+
+def load_data_config(name: str, overrides: list[str] = ()) -> DictConfig:
+    """A data config by name or YAML path, with `data.key=value` overrides (unknown keys are an error)."""
+    cfg = named_config("data", name)
+    for key, value in parse_overrides(overrides):
+        if not key.startswith("data."):
+            raise ConfigError(f"override {key}={value}: only data.<key>=<value> overrides are accepted here")
+        key = key[len("data."):]
+        _check_known(cfg, OmegaConf.from_dotlist([f"{key}=x"]), "the command line (data.*)")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def log_path(out: str) -> Path:
+    if "://" in out:
+        return Path.cwd() / f"{Path(out.rstrip('/')).name}.extract.jsonl"
+    return Path(out.rstrip("/") + ".extract.jsonl")
+
+
+def row_seed(seed: int, index: int, view: int) -> int:
+    return int(np.random.SeedSequence([seed, index, view]).generate_state(1, np.uint64)[0])
+
+
+def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tensor, settings: ExtractSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of the images and of their horizontal mirrors, float32 on the CPU."""
+    n = len(images)
+    x = torch.cat([images, images.flip(-1)])
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.autocast):
+        if settings.sample_posterior:
+            mean, logvar = tokenizer.posterior(x)
+            # Drawn on the CPU, one generator per (row, view), as the official code draws on the CPU RNG.
+            noise = torch.stack([
+                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(row_seed(settings.seed, int(i), view)))
+                for view in (0, 1) for i in indices
+            ]).to(mean.device)
+            z = mean.float() + torch.exp(0.5 * logvar.float()) * noise
+        else:
+            z = tokenizer.encode(x)
+    z = z.float().cpu()
+    return z[:n], z[n:]
+
+
+class ShardBuffer:
+    """The rows of one shard while its batches are encoded; written to the store in one call when full."""
+
+    def __init__(self, layout: zs.Layout, shard: int, latent_shape: tuple[int, int, int], dtype: str) -> None:
+        self.start, self.stop = layout.shard_range(shard)
+        n = self.stop - self.start
+        self.latents, self.flips = np.zeros((n, *latent_shape), dtype), np.zeros((n, *latent_shape), dtype)
+        self.valid = np.zeros(n, bool)
+        self.skipped: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+
+    def put(self, rows: list[int], latents: torch.Tensor, flips: torch.Tensor, where: list[str]) -> None:
+        lat, flip = latents.numpy().astype(self.latents.dtype), flips.numpy().astype(self.flips.dtype)
+        finite = np.isfinite(lat).all(axis=(1, 2, 3)) & np.isfinite(flip).all(axis=(1, 2, 3))
+        if not finite.all():
+            bad = [w for w, ok in zip(where, finite) if not ok]
+            raise ValueError(f"non-finite latents in {self.latents.dtype} for {bad[:5]}; try --dtype float32")
+        pos = np.asarray(rows) - self.start
+        self.latents[pos], self.flips[pos], self.valid[pos] = lat, flip, True
+
+
+def store_attributes(tok_info: dict[str, Any], source: Any, data_cfg: Any, latent_shape: tuple[int, int, int],
+                     settings: ExtractSettings, layout: zs.Layout, command: str) -> dict[str, Any]:
+    size = int(data_cfg["image_size"])
+    encoding = "posterior samples, one seeded generator per row and view" if settings.sample_posterior else "deterministic encode (posterior mean)"
+    return zs.jsonable({
+        "tokenizer": tok_info,
+        "data": {"config": to_dict(data_cfg) if isinstance(data_cfg, DictConfig) else dict(data_cfg), "source": source.describe()},
+        "image_size": size,
+        "latent_shape": list(latent_shape),
+        "num_rows": len(source),
+        "num_classes": int(source.num_classes),
+        "preprocessing": f"ADM center crop to {size}x{size}, RGB, [-1, 1]; latents_flip encodes the horizontal mirror; "
+                         f"{encoding}; {'bf16 autocast' if settings.autocast else 'fp32'}",
+        "extraction": {**asdict(settings), "shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    })
+
+
+def _select(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: ExtractSettings,
+                  latent_shape: tuple[int, int, int], perm: np.ndarray, labels: np.ndarray) -> str:
+    """Create the store, or check that the one at `out` continues this extraction. Returns what it did."""
+    try:
+        group = zs.open_group(out, mode="r+")
+    except FileNotFoundError:
+        group = None
+    except ValueError:
+        if not Path(out).is_dir() or any(Path(out).iterdir()):
+            raise ValueError(f"--out {out} exists and is not a latent store; choose another path or delete it") from None
+        group = None  # an empty folder
+    if group is not None:
+        zs.check_format(group, out)
+    if group is None or not group.attrs.get("ready"):  # absent, or its creation was cut short
+        zs.create_store(out, attrs, layout, latent_shape, settings.dtype, settings.stats, perm,
+                        labels[perm].astype(np.int32), overwrite=group is not None or Path(out).is_dir())
+        return "created"
+    old = dict(group.attrs)
+    diff = [k for k in RESUME_KEYS if _select(old, k) != _select(attrs, k)]
+    if diff:
+        details = "; ".join(f"{k}: store has {_select(old, k)!r}, this run {_select(attrs, k)!r}" for k in diff)
+        raise ValueError(f"{out} was made with other settings, so this run cannot resume it ({details}). "
+                         "Use the same settings, another --out, or delete the store.")
+    if old.get("complete"):
+        return "complete"
+    if "://" not in out:  # temporary files of writes cut short by a crash (zarr's LocalStore writes via *.partial)
+        for stray in Path(out).rglob("*.partial"):
+            stray.unlink()
+    return "resumed"
+
+
+def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cfg: Any, out: str,
+            settings: ExtractSettings = ExtractSettings(), strict: bool = False, workers: int = 0,
+            accelerator: Accelerator | PartialState | None = None, command: str = "") -> zs.LatentStore:
+    """Encode `source` into the store at `out` (creating or resuming it); every process of `accelerator` calls this.
+
+    Only the process layout and device of `accelerator` are used (default: accelerate's PartialState).
+    """
+    acc = accelerator or PartialState()
+    rank, world = acc.process_index, acc.num_processes
+    out = str(out)
+    if settings.sample_posterior and not hasattr(tokenizer, "posterior"):
+        raise ValueError(f"--sample-posterior: the {tokenizer.name} tokenizer has no posterior to sample")
+    image_size = int(data_cfg["image_size"])
+    latent_shape = tokenizer.latent_shape(image_size)
+    layout = zs.make_layout(len(source), latent_shape, settings.dtype, settings.shard_rows)
+    perm = np.random.default_rng(settings.seed).permutation(len(source))
+    attrs = store_attributes(tok_info, source, data_cfg, latent_shape, settings, layout, command)
+    journal = JsonlWriter(log_path(out))
+
+    state = prepare_store(out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels)) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    group = zs.open_group(out, mode="r+")
+    if group.attrs.get("complete"):
+        if acc.is_main_process:
+            log.info("%s is already complete; nothing to do", out)
+        return zs.LatentStore(out)
+
+    done = zs.finished_shards(group)
+    # Unfinished shards dealt round-robin (rank r: r, r+W, ...), balanced even when resuming with another W.
+    todo = [k for k in range(layout.num_shards) if k not in done][rank::world]
+    acc.wait_for_everyone()  # every rank has read the same `done` before any rank adds to it
+    if acc.is_main_process:
+        log.info("%s %s: %d rows in %d shards of %d, %d finished; %d process(es)", state, out, layout.num_rows,
+                 layout.num_shards, layout.shard_rows, len(done), world)
+        journal.write(event="start", state=state, out=out, num_rows=layout.num_rows, num_shards=layout.num_shards,
+                      finished=len(done), world_size=world, command=command)
+    tokenizer.to(acc.device).eval()
+    bar = progress(total=sum(b - a for a, b in map(layout.shard_range, todo)), enabled=acc.is_main_process,
+                   desc=f"encoding {Path(out).name}" + (f" (rank 0 of {world})" if world > 1 else ""))
+
+    def plan():  # (shard, rows) of each batch; batches never straddle shards, so no latent depends on the process count
+        for k in todo:
+            start, stop = layout.shard_range(k)
+            for a in range(start, stop, settings.batch_size):
+                yield k, np.arange(a, min(a + settings.batch_size, stop))
+
+    # Bad files come back as skipped items even when strict, so the error is the same with or without workers.
+    loader = torch.utils.data.DataLoader(
+        Skipping(source), batch_sampler=(perm[rows].tolist() for _, rows in plan()),
+        collate_fn=collate_items, num_workers=workers, pin_memory=acc.device.type == "cuda",
+    )
+    buf = None
+    try:
+        for (k, rows), batch in zip(plan(), loader):
+            buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype)
+            row_of = dict(zip(perm[rows].tolist(), rows.tolist()))
+            for index, reason in batch.skipped:
+                entry = {"index": int(index), "row": row_of[index], "where": source.where(index), "reason": reason}
+                if strict:
+                    journal.write(event="failed", rank=rank, shard=k, **entry)
+                    raise StrictError(f"{reason} (--strict)")
+                buf.skipped.append(entry)
+                log.warning("skipped %s (%s)", entry["where"], reason)
+                journal.write(event="skipped", rank=rank, **entry)
+            if len(batch.indices):
+                lat, flip = encode_views(tokenizer, batch.images.to(acc.device), batch.indices, settings)
+                buf.put([row_of[int(i)] for i in batch.indices], lat, flip, [source.where(int(i)) for i in batch.indices])
+            bar.update(len(rows))
+            if rows[-1] == buf.stop - 1:
+                zs.write_shard(group, layout, k, buf.latents, buf.flips, buf.valid, buf.skipped, settings.stats)
+                seconds = time.perf_counter() - buf.t0
+                journal.write(event="shard", rank=rank, shard=k, rows=len(buf.valid), valid=int(buf.valid.sum()),
+                              skipped=len(buf.skipped), seconds=round(seconds, 3), images_per_s=round(len(buf.valid) / seconds, 2))
+                buf = None
+    finally:
+        bar.close()
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        stats = zs.finalise(group, layout)
+        skipped = group.attrs["num_skipped"]
+        log.info("%s complete: %d valid rows, %d skipped; stats over %d values each", out, group.attrs["num_valid"], skipped, stats.count)
+        journal.write(event="complete", num_valid=group.attrs["num_valid"], num_skipped=skipped,
+                      std_mean=float(stats.std.mean()), mean_mean=None if stats.mean is None else float(stats.mean.mean()))
+    acc.wait_for_everyone()
+    return zs.LatentStore(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m latents.extract", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokenizer", required=True, help="saved tokenizer folder, or family:path of an official release")
+    p.add_argument("--data", required=True, help="data config name (configs/data) or YAML path")
+    p.add_argument("--out", required=True, help="store path or fsspec URL")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--strict", action="store_true", help="stop at the first undecodable image instead of skipping it")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--stats", choices=list(zs.STAT_KINDS), default="channel", help="per channel [C] or per element [C,h,w]")
+    p.add_argument("--no-mean", action="store_true", help="statistics without a mean: z / std (RAE)")
+    p.add_argument("--sample-posterior", action="store_true", help="store posterior samples (official VA-VAE recipe)")
+    p.add_argument("--seed", type=int, default=0, help="row permutation and posterior samples")
+    p.add_argument("--workers", type=int, default=4, help="image decoding processes per rank")
+    p.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: < 64 MiB, at most 4096)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast while encoding (default fp32)")
+    p.add_argument("overrides", nargs="*", help="data.key=value")
+    return p.parse_intermixed_args(argv)  # data.key=value may come between options
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    settings = ExtractSettings(
+        batch_size=args.batch_size, dtype=args.dtype, stats=args.stats, center=not args.no_mean,
+        sample_posterior=args.sample_posterior, seed=args.seed, shard_rows=args.shard_size, autocast=args.bf16,
+    )
+    data_cfg = load_data_config(args.data, args.overrides)
+    acc = make_accelerator(mixed_precision="no")
+    source = build_source(data_cfg)
+    tokenizer, tok_info = open_tokenizer(args.tokenizer)
+    command = "python -m latents.extract " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        extract(tokenizer, tok_info, source, data_cfg, args.out, settings, args.strict, args.workers, acc, command)
+    except StrictError as e:
+        raise SystemExit(f"error: {e}\nThe store {args.out} is left incomplete: shards finished before "
+                         "this file are kept, nothing of the shard holding it was written. Fix the file and run the "
+                         "same command to resume, or delete the store.") from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Latent stores: one Zarr v3 group per (tokenizer, data set, split), the format of DESIGN §3.
+
+Layout of a store with N rows of latents shaped [C, h, w], written in S shards of `shard_rows` rows:
+
+    zarr.json      attributes: format, version, ready, complete, tokenizer {name, config, checkpoint_sha256},
+                   data {config, source}, image_size, latent_shape, num_classes, num_rows, preprocessing,
+                   extraction {dtype, stats, center, sample_posterior, seed, batch_size, autocast, shard_rows,
+                   chunk_rows}, created, command; when complete also num_valid, num_skipped and
+                   skipped [{index, row, where, reason}]
+    latents        [N, C, h, w] float16 (or float32), chunks (chunk_rows, C, h, w) inside shards of
+                   (shard_rows, C, h, w), zstd
+    latents_flip   same, encoded from the horizontally mirrored image
+    labels         [N] int32 class ids;   index [N] int64 source position of each row
+    valid          [N] bool, False where the image was skipped (its latents are zeros)
+    stats/         mean (absent when the statistics have no mean), std: float32, per channel [C] or per
+                   element [C, h, w]; sum, sumsq float64 and count int64 (), the sums they come from
+    shards/        sum, sumsq [S, *stat_shape] float64: each shard's partial sums, one chunk per shard
+    shards/done/   one group per finished shard (`000003`) with attributes {num_valid, skipped}
+
+Rows hold a seeded random permutation of the data set, so every chunk mixes classes. Zarr skips
+chunks equal to the fill value, so a chunk's existence proves nothing: a shard counts as finished
+only once its `shards/done/<k>` record exists, and that record is written last. Each shard is
+written by one process in one call (two writers in one shard lose data). Statistics are float64
+sums over every valid latent of both views, summed per shard and then over shards in shard order,
+so they do not depend on the number of processes or on where a run was interrupted.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+FORMAT = "latentkit.latent_store"
+VERSION = 1
+STAT_KINDS = ("channel", "element")
+MAX_SHARD_BYTES = 64 << 20  # one shard of one view stays modest in memory and in object size
+MAX_SHARD_ROWS = 4096  # keeps several shards per data set for parallel writers and resumption
+CHUNK_BYTES = 1 << 20  # inner chunk: the unit a reader decompresses
+SUM_BLOCK_BYTES = 32 << 20  # float64 working memory while summing a shard
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_rows: int
+    shard_rows: int
+    chunk_rows: int
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_rows / self.shard_rows)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.num_rows)
+
+
+def make_layout(num_rows: int, latent_shape: tuple[int, ...], dtype: str, shard_rows: int | None = None) -> Layout:
+    """Shard and chunk sizes (in rows); by default shards stay below 64 MiB and chunks near 1 MiB."""
+    row_bytes = int(np.prod(latent_shape)) * np.dtype(dtype).itemsize
+    if shard_rows is None:
+        shard_rows = min(MAX_SHARD_ROWS, _pow2_floor(MAX_SHARD_BYTES // row_bytes))
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    chunk_rows = math.gcd(shard_rows, _pow2_floor(CHUNK_BYTES // row_bytes))
+    return Layout(num_rows, shard_rows, chunk_rows)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+# --- statistics --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """Normalisation statistics: `(z - mean) / std`, or `z / std` when `mean` is None."""
+
+    kind: str  # "channel": [C]; "element": [C, h, w]
+    mean: np.ndarray | None
+    std: np.ndarray
+    count: int  # values behind each statistic
+    sum: np.ndarray  # float64 sums they were derived from (for combining stores)
+    sumsq: np.ndarray
+
+    @classmethod
+    def from_sums(cls, kind: str, center: bool, total: np.ndarray, total_sq: np.ndarray, count: int) -> "Stats":
+        if count <= 0:
+            raise ValueError("no valid latents to compute statistics from")
+        mean = total / count
+        # The std is about the mean even when the mean is not subtracted, as in RAE's released statistics.
+        std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+        return cls(kind, mean.astype(np.float32) if center else None, std.astype(np.float32), count, total, total_sq)
+
+
+def stat_shape(kind: str, latent_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    if kind not in STAT_KINDS:
+        raise ValueError(f"unknown statistics kind {kind!r}; expected one of {STAT_KINDS}")
+    return (latent_shape[0],) if kind == "channel" else tuple(latent_shape)
+
+
+def partial_sums(latents: np.ndarray, flips: np.ndarray, valid: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """float64 sum and sum of squares over the valid rows of both views, in a fixed order."""
+    axes = (0, 2, 3) if kind == "channel" else (0,)
+    shape = stat_shape(kind, latents.shape[1:])
+    rows = np.flatnonzero(valid)
+    total, total_sq = np.zeros(shape), np.zeros(shape)
+    block = max(1, SUM_BLOCK_BYTES // (int(np.prod(latents.shape[1:])) * 8))
+    for start in range(0, len(rows), block):
+        for view in (latents, flips):
+            x = view[rows[start : start + block]].astype(np.float64)
+            total += x.sum(axis=axes)
+            total_sq += np.square(x).sum(axis=axes)
+    return total, total_sq
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+
+def create_store(url: str, attrs: dict[str, Any], layout: Layout, latent_shape: tuple[int, int, int], dtype: str,
+                 stats_kind: str, index: np.ndarray, labels: np.ndarray, overwrite: bool = False) -> zarr.Group:
+    """Create an empty store: arrays, `index`, `labels`, attributes. `overwrite` replaces what is at `url`.
+
+    `ready` becomes true only after everything is in place, so a creation cut short is recognisable.
+    """
+    g = zarr.open_group(url, mode="w" if overwrite else "w-", attributes={**attrs, "format": FORMAT, "version": VERSION,
+                                                    "ready": False, "complete": False})
+    n, shard, chunk = layout.num_rows, layout.shard_rows, layout.chunk_rows
+    for name in ("latents", "latents_flip"):
+        g.create_array(name, shape=(n, *latent_shape), dtype=dtype, chunks=(chunk, *latent_shape),
+                       shards=(shard, *latent_shape), compressors=[ZstdCodec(level=3)], fill_value=0,
+                       dimension_names=("n", "c", "h", "w"))
+    for name, dt, fill in (("labels", "int32", -1), ("index", "int64", -1), ("valid", "bool", False)):
+        g.create_array(name, shape=(n,), dtype=dt, chunks=(shard,), compressors=[ZstdCodec(level=3)],
+                       fill_value=fill, dimension_names=("n",))
+    sshape = stat_shape(stats_kind, latent_shape)
+    for name in ("shards/sum", "shards/sumsq"):
+        g.create_array(name, shape=(layout.num_shards, *sshape), dtype="float64", chunks=(1, *sshape), fill_value=0)
+    g.create_group("shards/done")
+    g["index"][:] = index
+    g["labels"][:] = labels
+    g.attrs["ready"] = True
+    return g
+
+
+def finished_shards(group: zarr.Group) -> set[int]:
+    return {int(k) for k in group["shards/done"].group_keys()}
+
+
+def write_shard(group: zarr.Group, layout: Layout, shard: int, latents: np.ndarray, flips: np.ndarray,
+                valid: np.ndarray, skipped: list[dict[str, Any]], stats_kind: str) -> None:
+    """Write one whole shard, then record it as finished (the record goes last)."""
+    start, stop = layout.shard_range(shard)
+    if len(latents) != stop - start:
+        raise ValueError(f"shard {shard} holds rows {start}..{stop}, got {len(latents)} rows")
+    group["latents"][start:stop] = latents
+    group["latents_flip"][start:stop] = flips
+    group["valid"][start:stop] = valid
+    total, total_sq = partial_sums(latents, flips, valid, stats_kind)
+    group["shards/sum"][shard] = total
+    group["shards/sumsq"][shard] = total_sq
+    group["shards/done"].create_group(f"{shard:06d}", attributes={"num_valid": int(valid.sum()), "skipped": skipped})
+
+
+def finalise(group: zarr.Group, layout: Layout) -> Stats:
+    """Sum the shards' partial sums in shard order, write `stats/`, list skipped files, mark complete."""
+    missing = sorted(set(range(layout.num_shards)) - finished_shards(group))
+    if missing:
+        raise RuntimeError(f"cannot finalise: shards {missing[:10]} are not finished")
+    ex = group.attrs["extraction"]
+    valid = group["valid"][:]
+    per_row = 1 if ex["stats"] == "element" else int(np.prod(group.attrs["latent_shape"][1:]))
+    sums, sumsqs = group["shards/sum"], group["shards/sumsq"]
+    total, total_sq = np.zeros(sums.shape[1:]), np.zeros(sums.shape[1:])
+    for k in range(layout.num_shards):
+        total += sums[k]
+        total_sq += sumsqs[k]
+    stats = Stats.from_sums(ex["stats"], ex["center"], total, total_sq, 2 * int(valid.sum()) * per_row)
+    write_stats(group, stats)
+    done = group["shards/done"]
+    skipped = [s for k in range(layout.num_shards) for s in done[f"{k:06d}"].attrs["skipped"]]
+    group.attrs.update({"num_valid": int(valid.sum()), "num_skipped": len(skipped), "skipped": skipped,
+                        "complete": True})
+    return stats
+
+
+def write_stats(group: zarr.Group, stats: Stats) -> None:
+    arrays = {"std": stats.std, "sum": stats.sum, "sumsq": stats.sumsq}
+    if stats.mean is not None:
+        arrays["mean"] = stats.mean
+    for name, value in arrays.items():
+        group.create_array(f"stats/{name}", shape=value.shape, dtype=value.dtype, fill_value=0, overwrite=True)[...] = value
+    group.create_array("stats/count", shape=(), dtype="int64", fill_value=0, overwrite=True)[...] = stats.count
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+def open_group(url: str | Path, mode: str = "r") -> zarr.Group:
+    """Open a store's root group, with a clear error when there is none."""
+    url = str(url)
+    exists = "://" not in url and Path(url).exists()
+    try:
+        if "://" not in url and not exists:
+            raise FileNotFoundError(url)
+        return zarr.open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as e:
+        if not exists:
+            raise FileNotFoundError(f"no latent store at {url}") from e
+        raise ValueError(f"{url} is not a latent store: there is no Zarr group there") from e
+
+
+def check_format(group: zarr.Group, url: str) -> None:
+    fmt, version = group.attrs.get("format"), group.attrs.get("version")
+    if fmt != FORMAT:
+        raise ValueError(f"{url} is not a latent store (its 'format' attribute is {fmt!r}, expected {FORMAT!r})")
+    if version != VERSION:
+        raise ValueError(f"{url} is a latent store of format version {version}; this code reads version {VERSION}")
+
+
+class LatentStore:
+    """A finished latent store, opened from a local path or any fsspec URL."""
+
+    def __init__(self, url: str | Path) -> None:
+        self.url = str(url)
+        self.group = open_group(self.url)
+        check_format(self.group, self.url)
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        if not self.attrs.get("complete"):
+            layout = self.layout
+            done = len(finished_shards(self.group)) if self.attrs.get("ready") else 0
+            raise ValueError(
+                f"latent store {self.url} is incomplete ({done} of {layout.num_shards} shards finished); finish it by "
+                f"running the extraction again with the same arguments: {self.attrs.get('command', 'python -m latents.extract ...')}"
+            )
+
+    @property
+    def layout(self) -> Layout:
+        ex = self.attrs["extraction"]
+        return Layout(self.attrs["num_rows"], ex["shard_rows"], ex["chunk_rows"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.attrs["num_rows"])
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.attrs["num_valid"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.attrs["latent_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        return self.attrs["tokenizer"]
+
+    def array(self, name: str) -> zarr.Array:
+        """One of latents, latents_flip, labels, index, valid."""
+        return self.group[name]
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows start..stop of every per-row array (read shard- or chunk-aligned blocks for speed)."""
+        return {name: self.group[name][start:stop] for name in ("latents", "latents_flip", "labels", "index", "valid")}
+
+    @property
+    def stats(self) -> Stats:
+        g = self.group["stats"]
+        names = set(g.array_keys())
+        return Stats(
+            kind=self.attrs["extraction"]["stats"],
+            mean=g["mean"][...] if "mean" in names else None,
+            std=g["std"][...],
+            count=int(g["count"][...]),
+            sum=g["sum"][...],
+            sumsq=g["sumsq"][...],
+        )
+
+    def __repr__(self) -> str:
+        return f"LatentStore({self.url!r}, rows={self.num_rows}, valid={self.num_valid}, shape={self.latent_shape})"
+
+
+def combined_stats(stores: list[LatentStore]) -> Stats:
+    """Statistics over several stores (e.g. train shards) from their float64 sums, in store order.
+
+    For one store this is exactly that store's statistics.
+    """
+    first = stores[0].stats
+    total, total_sq, count = np.zeros_like(first.sum), np.zeros_like(first.sumsq), 0
+    for store in stores:
+        s = store.stats
+        if s.kind != first.kind or (s.mean is None) != (first.mean is None) or s.sum.shape != first.sum.shape:
+            raise ValueError(f"cannot combine statistics of {stores[0].url} and {store.url}: different kind, shape or centring")
+        total += s.sum
+        total_sq += s.sumsq
+        count += s.count
+    return Stats.from_sums(first.kind, first.mean is not None, total, total_sq, count)
+
+
+def jsonable(value: Any) -> Any:
+    """What a value reads back as after a trip through Zarr's JSON attributes."""
+    return json.loads(json.dumps(value))
