@@ -115,9 +115,13 @@ def compose(
     if preset is not None:
         cfg = _apply_preset(cfg, preset, stage, family)
 
-    for key, value in rest:
-        update = OmegaConf.from_dotlist([f"{key}=x"])
-        _check_known(cfg, update, "the command line")
+    return apply_overrides(cfg, rest)
+
+
+def apply_overrides(cfg: DictConfig, pairs: Iterable[tuple[str, Any]], where: str = "the command line") -> DictConfig:
+    """Set `key=value` pairs (from `parse_overrides`) on `cfg`; a key it lacks is an error."""
+    for key, value in pairs:
+        _check_known(cfg, OmegaConf.from_dotlist([f"{key}=x"]), where)
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
 

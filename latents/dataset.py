@@ -9,6 +9,7 @@ A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
     multiplier: 1.0                       # x = normalised z * multiplier (LightningDiT's latent_multiplier)
     cache_dir: null                       # null: the loader caches the latents in RAM; a local folder:
                                           #   in a memory-mapped .npy there, shared by the ranks of a node
+    generator: lightningdit_xl1           # configs/generator/<name>.yaml trained by default on these latents
 
 Reading: random rows straight from Zarr reach only a few thousand per second, so the loader copies
 the valid rows of every store, both views, once into one uncompressed array [rows, 2, C, h, w] (in
@@ -41,7 +42,8 @@ from latents.store import LatentStore, Stats, combined_stats
 
 log = get_logger("latents.dataset")
 
-LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "multiplier": 1.0, "cache_dir": None}
+LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "multiplier": 1.0, "cache_dir": None,
+                   "generator": "lightningdit_xl1"}
 
 
 def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any]) -> DictConfig:

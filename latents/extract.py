@@ -42,7 +42,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import ConfigError, _check_known, named_config, parse_overrides, to_dict
+from core.config import ConfigError, apply_overrides, named_config, parse_overrides, to_dict
 from core.images import Skipping, build_source, collate_items
 from core.log import JsonlWriter, get_logger
 from core.runtime import make_accelerator, progress
@@ -94,14 +94,11 @@ def open_tokenizer(spec: str) -> tuple[Tokenizer, dict[str, Any]]:
 
 def load_data_config(name: str, overrides: list[str] = ()) -> DictConfig:
     """A data config by name or YAML path, with `data.key=value` overrides (unknown keys are an error)."""
-    cfg = named_config("data", name)
-    for key, value in parse_overrides(overrides):
+    pairs = parse_overrides(overrides)
+    for key, value in pairs:
         if not key.startswith("data."):
             raise ConfigError(f"override {key}={value}: only data.<key>=<value> overrides are accepted here")
-        key = key[len("data."):]
-        _check_known(cfg, OmegaConf.from_dotlist([f"{key}=x"]), "the command line (data.*)")
-        OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
+    return apply_overrides(named_config("data", name), [(k[len("data."):], v) for k, v in pairs], "the command line (data.*)")
 
 
 def log_path(out: str) -> Path:
