@@ -55,19 +55,21 @@ class RunFolder:
         accelerator.wait_for_everyone()
         self.metrics = JsonlWriter(self.path / "metrics.jsonl")
 
-    def save_config(self, cfg: DictConfig) -> None:
-        """Write the config; a resumed run must use the same config it started with."""
+    def save_config(self, cfg: DictConfig, may_change: tuple[str, ...] = ()) -> None:
+        """Write the config. A resumed run must use the config it started with, except for keys
+        under the prefixes in `may_change` (e.g. more steps, other logging intervals)."""
         path = self.path / "config.yaml"
-        text = OmegaConf.to_yaml(cfg)
-        if path.is_file() and OmegaConf.load(path) != cfg:
-            old = OmegaConf.load(path)
-            diff = sorted(k for k in set(_flat(old)) | set(_flat(cfg)) if _flat(old).get(k) != _flat(cfg).get(k))
-            raise ValueError(
-                f"{self.path} holds a run with a different config (keys differ: {diff[:8]}); "
-                "use a new run folder or the same settings to resume"
-            )
+        if path.is_file():
+            old, new = _flat(OmegaConf.load(path)), _flat(cfg)
+            diff = sorted(k for k in set(old) | set(new)
+                          if old.get(k) != new.get(k) and not k.startswith(tuple(may_change)))
+            if diff:
+                raise ValueError(
+                    f"{self.path} holds a run with a different config ({', '.join(diff[:8])} differ); "
+                    "use a new run folder, or the same settings to resume"
+                )
         if self.acc.is_main_process:
-            path.write_text(text)
+            path.write_text(OmegaConf.to_yaml(cfg))
 
     def log(self, **fields: Any) -> None:
         if self.acc.is_main_process:

@@ -1,0 +1,161 @@
+"""`python -m generators.sample --run <run dir> --num N --out samples.npz [sample.key=value ...]`
+
+Samples a trained generator (the EMA weights of its latest checkpoint, or `--checkpoint`), or
+an official release (`--official file.pt --latent <name> generator=<family file>`), decodes the
+latents with the latent config's tokenizer and writes an ADM-format `.npz` (`arr_0` uint8
+NHWC, `arr_1` labels) plus a PNG grid. Labels are class-balanced (sample i has class
+i mod num_classes) or random. Sample i depends only on (seed, i): the result does not depend
+on the batch size or the number of processes (`torchrun --nproc_per_node K -m
+generators.sample ...` splits the work). Chunks are written as they finish, so an
+interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
+from core.config import compose, split_cli
+from core.log import get_logger
+from core.runtime import RunFolder, make_accelerator, progress
+from eval.npz import save_samples_npz, to_uint8
+from generators.guidance import cfg as cfg_guidance
+from generators.registry import build_generator
+from generators.sampling import initial_noise, sample, sample_generators
+from latents.dataset import decode_latents, load_latent_config
+
+log = get_logger("generators.sample")
+CHUNK = 500
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
+    p = argparse.ArgumentParser(prog="python -m generators.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--run", help="a generator run folder (uses its config and EMA weights)")
+    p.add_argument("--checkpoint", help="a checkpoints/step_NNNNNNN folder of the run (default: the latest)")
+    p.add_argument("--official", help="an official checkpoint file; needs --latent and generator=<name>")
+    p.add_argument("--latent", help="latent config (default: the run's)")
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
+    p.add_argument("--labels", choices=["balanced", "random"], default="balanced")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    positional, preset, overrides = split_cli(argv)
+    args = p.parse_args(positional)
+    if args.run:
+        cfg = OmegaConf.load(Path(args.run) / "config.yaml")
+        for item in overrides:
+            key, value = item.split("=", 1)
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                raise SystemExit(f"unknown config key '{key}' for sampling")
+            OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}").v)
+    elif args.official:
+        if not args.latent:
+            raise SystemExit("--official needs --latent <name>")
+        generator = next((o.split("=", 1)[1] for o in overrides if o.startswith("generator=")), "lightningdit_xl1")
+        cfg = compose("generator", generator, preset, [o for o in overrides if not o.startswith("generator=")])
+        OmegaConf.set_struct(cfg, False)
+        cfg.latent = args.latent
+    else:
+        raise SystemExit("give --run <run folder> or --official <file>")
+    if args.latent:
+        cfg.latent = args.latent
+    return args, cfg
+
+
+def load_model(args: argparse.Namespace, cfg: DictConfig) -> torch.nn.Module:
+    model = build_generator(cfg.model)
+    if args.official:
+        model.load_official_state_dict(load_torch_weights(args.official))
+        return model.eval()
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None:
+        done = sorted(p for p in (Path(args.run) / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
+        if not done:
+            raise SystemExit(f"{args.run} has no finished checkpoint yet")
+        ckpt = done[-1]
+    model.load_state_dict(load_safetensors(ckpt / "ema.safetensors"), strict=True)
+    log.info("EMA weights from %s", ckpt)
+    return model.eval()
+
+
+def labels_for(num: int, num_classes: int, how: str, seed: int) -> np.ndarray:
+    if how == "balanced":
+        return np.arange(num) % num_classes
+    return np.random.default_rng(seed).integers(0, num_classes, size=num)
+
+
+@torch.no_grad()
+def sample_chunk(model, cfg: DictConfig, latent_cfg: DictConfig, indices: np.ndarray, labels: np.ndarray,
+                 batch_size: int, device: torch.device) -> np.ndarray:
+    s = cfg.sample
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    out = []
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        y = torch.as_tensor(labels[idx], device=device)
+        z = initial_noise(idx.tolist(), shape, s.seed, device)
+        fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
+                          list(s.cfg_channels) if s.cfg_channels is not None else None)
+        gens = sample_generators(idx.tolist(), s.seed, stream=1)  # the SDE's per-step noise, per sample
+        x = sample(fn, z, s.steps, s.method, s.shift, generators=gens)
+        out.append(to_uint8(decode_latents(latent_cfg, x).float().cpu()))
+    return np.concatenate(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = parse(sys.argv[1:] if argv is None else argv)
+    latent_cfg = load_latent_config(cfg.latent)
+    acc = make_accelerator("no")
+    out = Path(args.out)
+    parts = out.with_name(out.stem + ".parts")
+    if acc.is_main_process:
+        parts.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    model = load_model(args, cfg).to(acc.device)
+    labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
+    starts = list(range(0, args.num, CHUNK))
+    mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
+    for start in progress(mine, desc="sample", enabled=acc.is_main_process):
+        part = parts / f"{start:08d}.npz"
+        if part.is_file():
+            continue
+        images = sample_chunk(model, cfg, latent_cfg, np.arange(start, min(start + CHUNK, args.num)), labels,
+                              args.batch_size, acc.device)
+        with atomic_path(part) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        images = np.concatenate([np.load(parts / f"{s:08d}.npz")["images"] for s in starts])
+        save_samples_npz(out, images, labels)
+        save_grid(images, labels, cfg.model.num_classes, out.with_suffix(".png"))
+        for f in parts.glob("*.npz"):
+            f.unlink()
+        parts.rmdir()
+        log.info("wrote %d samples to %s (grid: %s)", len(images), out, out.with_suffix(".png"))
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, path: Path, per_class: int = 8,
+              max_classes: int = 16) -> None:
+    """One row per class (the first `max_classes` classes present), `per_class` samples each."""
+    from torchvision.utils import save_image
+
+    rows = []
+    for c in range(num_classes):
+        picked = np.flatnonzero(labels == c)[:per_class]
+        if len(picked) == per_class:
+            rows.append(images[picked])
+        if len(rows) == max_classes:
+            break
+    if not rows:
+        return
+    grid = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 255
+    save_image(grid, str(path), nrow=per_class)
+
+
+if __name__ == "__main__":
+    main()

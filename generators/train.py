@@ -1,0 +1,196 @@
+"""`python -m generators.train --latent <name> [generator=<family file>] [preset=...] [key=value ...]`
+
+Trains a generator on a latent source with accelerate (one CPU ... many GPUs and nodes):
+bf16 autocast on GPU, fused AdamW on CUDA, EMA, optional gradient clipping, gradient
+checkpointing and torch.compile. The run folder (``run.dir``) holds the config, JSON-lines
+metrics, periodic sample grids and atomic checkpoints; started again with the same folder the
+run resumes exactly: the batch, noise, times and label drops of step k depend only on
+(seed, k, rank), and model, EMA and optimizer come from the last checkpoint. A non-finite loss
+stops the run with the last good checkpoint kept.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from core.config import compose, split_cli
+from core.ema import EMA
+from core.log import get_logger
+from core.runtime import RunFolder, fused_adam_kwargs, make_accelerator, progress, seed_everything
+from generators import flow
+from generators.registry import build_generator
+from generators.sampling import initial_noise, sample, sample_generators
+from generators.guidance import cfg as cfg_guidance
+from latents.dataset import build_latent_loader, decode_latents, latent_info, load_latent_config
+
+log = get_logger("generators.train")
+
+
+# A run may be resumed with these changed: train longer, log or sample differently.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+                     "train.keep_checkpoints", "sample.")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse(argv: list[str]) -> tuple[DictConfig, DictConfig]:
+    """Returns (run config, latent config). `generator=NAME` picks configs/generator/NAME.yaml."""
+    parser = argparse.ArgumentParser(prog="python -m generators.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--latent", required=True, help="a configs/latent/<name>.yaml name or a YAML path")
+    positional, preset, overrides = split_cli(argv)
+    args = parser.parse_args(positional)
+    latent_cfg = load_latent_config(args.latent)
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("generator=")]
+    generator = chosen[-1] if chosen else latent_cfg.generator
+    overrides = [o for o in overrides if not o.startswith("generator=")]
+    cfg = compose("generator", generator, preset, overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.latent = args.latent
+    cfg.generator = generator
+    if cfg.run.dir is None:
+        cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{generator}"
+    return cfg, latent_cfg
+
+
+def check_against_data(model_cfg: DictConfig, shape: tuple[int, int, int], num_classes: int, latent: str) -> None:
+    """Stop before any compute when the latent source does not fit the model."""
+    c, h, w = shape
+    problems = []
+    if model_cfg.in_channels != c:
+        problems.append(f"model.in_channels={model_cfg.in_channels} but the latents have {c} channels")
+    if model_cfg.input_size != h or h != w:
+        problems.append(f"model.input_size={model_cfg.input_size} but the latents are {h}x{w}")
+    if num_classes > model_cfg.num_classes:
+        problems.append(f"model.num_classes={model_cfg.num_classes} but the data has {num_classes} classes")
+    if problems:
+        raise ValueError(f"latent source '{latent}' does not match the model: " + "; ".join(problems))
+
+
+def step_randomness(seed: int, step: int, rank: int, n: int, shape: tuple[int, ...], cfg: DictConfig,
+                    drop_prob: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise, times and label drops of one step, from a generator seeded by (seed, step, rank)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+    eps = torch.randn(n, *shape, generator=g)
+    t = flow.sample_t(n, cfg.time_dist, cfg.time_mu, cfg.time_sigma, cfg.time_shift, generator=g)
+    drop = torch.rand(n, generator=g) < drop_prob
+    return eps.to(device), t.to(device), drop.to(device)
+
+
+@torch.no_grad()
+def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tuple[int, ...],
+                device: torch.device) -> torch.Tensor:
+    """Decoded images [N, 3, H, W] of the grid classes, seeded by the sample seed.
+
+    `latents`: the training loader or a latent config (either names the decoding tokenizer).
+    """
+    s = cfg.sample
+    classes = [c for c in s.grid_classes if c < cfg.model.num_classes] or list(range(min(8, cfg.model.num_classes)))
+    y = torch.tensor([c for c in classes for _ in range(s.grid_per_class)], device=device)
+    z = initial_noise(range(len(y)), shape, s.seed, device)
+    fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
+                      list(s.cfg_channels) if s.cfg_channels is not None else None)
+    x = sample(fn, z, s.steps, s.method, s.shift, generators=sample_generators(range(len(y)), s.seed, stream=1))
+    return decode_latents(latents, x)
+
+
+def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
+    acc = make_accelerator(cfg.train.precision)
+    run = RunFolder(cfg.run.dir, acc)
+    run.save_config(cfg, may_change=RESUMABLE_CHANGES)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.train.global_batch % world:
+        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
+    info = latent_info(latent_cfg)  # metadata only: a mismatch stops before any latent is read
+    check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
+    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world)
+
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
+    model = build_generator(model_cfg)
+    ema = EMA(model, cfg.train.ema_decay)
+    ema.model.to(acc.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay, **fused_adam_kwargs())
+    model, opt = acc.prepare(model, opt)
+    step = 0
+    last = run.latest_checkpoint()
+    if last is not None:
+        state, ema_state = run.load_training_state(last)
+        ema.load_state_dict(ema_state)
+        step = state["step"]
+        log.info("resumed from %s at step %d", last, step)
+    forward = torch.compile(model) if cfg.train.compile else model
+    n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
+    log.info("model %s %s: %.2fM parameters; %d process(es), batch %d per process",
+             cfg.model.family, cfg.model.size, n_params / 1e6, world, cfg.train.global_batch // world)
+
+    shape = loader.latent_shape
+    drop_prob = acc.unwrap_model(model).y_embedder.dropout_prob
+    bar = progress(total=cfg.train.steps, initial=step, desc="train", enabled=acc.is_main_process)
+    model.train()
+    while step < cfg.train.steps:
+        x, y = loader.batch(step)
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        eps, t, drop = step_randomness(cfg.run.seed, step, rank, x.shape[0], shape, cfg.flow, drop_prob, acc.device)
+        x_t = flow.interpolate(x, eps, t)
+        with acc.autocast():
+            pred = forward(x_t, t, y, force_drop_ids=drop)
+        losses = flow.flow_loss(pred, flow.velocity_target(x, eps), cfg.flow.cos_weight)
+        acc.backward(losses["loss"])
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+        loss_value = acc.reduce(losses["loss"].detach(), "mean").item()
+        if not math.isfinite(loss_value):
+            kept = run.latest_checkpoint()
+            raise NonFiniteLoss(f"loss is {loss_value} at step {step}; stopped without updating the weights. "
+                                f"Last good checkpoint: {kept or 'none yet'} (kept). Lower train.lr, set "
+                                "train.grad_clip=1.0 or model.options.use_qknorm=true, and resume.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(acc.unwrap_model(model))
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            fields = {k: acc.reduce(v.detach(), "mean").item() for k, v in losses.items()}
+            if grad_norm is not None:
+                fields["grad_norm"] = float(grad_norm)
+            run.log(step=step, **fields)
+            bar.set_postfix(loss=f"{fields['loss']:.4f}")
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            run.save_training_state(step, ema.state_dict(), keep=cfg.train.keep_checkpoints)
+        if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+            save_samples(ema.model, cfg, loader, shape, acc.device, run.path / "samples" / f"step_{step:07d}.png")
+    bar.close()
+    acc.wait_for_everyone()
+    return run.path
+
+
+def save_samples(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tuple[int, ...],
+                 device: torch.device, path: Path) -> None:
+    from torchvision.utils import save_image
+
+    images = sample_grid(model.eval(), cfg, latents, shape, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.float().clamp(-1, 1) + 1) / 2, str(path), nrow=cfg.sample.grid_per_class * 4)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, latent_cfg = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        path = train(cfg, latent_cfg)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        raise SystemExit(3) from e
+    log.info("done: %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""generators.train: resume equals an uninterrupted run, mismatches stop before compute, NaN stops."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import load_safetensors
+from core.config import ConfigError
+from generators import flow
+from generators import train as gtrain
+from latents.extract import main as extract_main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.input_size=4", "model.in_channels=8", "model.num_classes=10",
+        "model.options={hidden_size: 32, depth: 2, num_heads: 2}", "train.global_batch=8", "train.lr=1e-3",
+        "train.log_every=1", "train.ckpt_every=5", "train.sample_every=1000", "sample.steps=3",
+        "sample.grid_per_class=1"]
+
+
+@pytest.fixture(scope="module")
+def latent_yaml(tmp_path_factory) -> Path:
+    """A latent config over a store of 64 synthetic images (32 px) made by a tiny random VA-VAE."""
+    from tokenizers.vavae import VAVAE
+
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    VAVAE(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=8, norm_num_groups=8).save_pretrained(root / "tok")
+    extract_main(["--tokenizer", str(root / "tok"), "--data", "synthetic", "--out", str(root / "lat.zarr"),
+                  "data.num_images=64", "data.image_size=32"])
+    path = root / "latent.yaml"
+    path.write_text(f"stores: [{root / 'lat.zarr'}]\ntokenizer: {root / 'tok'}\ngenerator: lightningdit_b1\n")
+    return path
+
+
+def run(latent_yaml: Path, run_dir: Path, *extra: str) -> Path:
+    cfg, latent_cfg = gtrain.parse(["--latent", str(latent_yaml), f"run.dir={run_dir}", *TINY, *extra])
+    return gtrain.train(cfg, latent_cfg)
+
+
+def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    ckpt = run_dir / "checkpoints" / f"step_{step:07d}"
+    return {**load_safetensors(ckpt / "model.safetensors"), **{f"ema.{k}": v for k, v in load_safetensors(ckpt / "ema.safetensors").items()}}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_loss_goes_down_and_grids_are_written(latent_yaml, tmp_path):
+    out = run(latent_yaml, tmp_path / "r", "train.steps=100", "train.sample_every=100", "train.ckpt_every=100",
+              "train.global_batch=32", "train.lr=3e-3")
+    from core.log import read_jsonl
+
+    losses = [r["mse"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
+    assert (out / "samples" / "step_0000100.png").is_file()
+
+
+def test_resume_equals_uninterrupted(latent_yaml, tmp_path):
+    run(latent_yaml, tmp_path / "a", "train.steps=20")
+    run(latent_yaml, tmp_path / "b", "train.steps=10")
+    run(latent_yaml, tmp_path / "b", "train.steps=20")  # resumes from step 10
+    assert_same(final_weights(tmp_path / "a", 20), final_weights(tmp_path / "b", 20))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(latent_yaml, tmp_path):
+    args = [sys.executable, "-m", "generators.train", "--latent", str(latent_yaml), *TINY, "train.steps=60"]
+    subprocess.run([*args, f"run.dir={tmp_path / 'a'}"], cwd=REPO, check=True, capture_output=True)
+    proc = subprocess.Popen([*args, f"run.dir={tmp_path / 'b'}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "b" / "checkpoints" / "step_0000005"
+    deadline = time.time() + 300
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "checkpoints" / "step_0000060").exists(), "the run finished before it was killed"
+    subprocess.run([*args, f"run.dir={tmp_path / 'b'}"], cwd=REPO, check=True, capture_output=True)
+    assert_same(final_weights(tmp_path / "a", 60), final_weights(tmp_path / "b", 60))
+
+
+def test_store_that_does_not_fit_the_model_stops_before_compute(latent_yaml, tmp_path, monkeypatch):
+    monkeypatch.setattr(gtrain, "build_latent_loader", lambda *a, **k: pytest.fail("latents were read"))
+    with pytest.raises(ValueError, match="in_channels=4 but the latents have 8 channels"):
+        run(latent_yaml, tmp_path / "r", "model.in_channels=4")
+    with pytest.raises(ValueError, match="input_size=16 but the latents are 4x4"):
+        run(latent_yaml, tmp_path / "r2", "model.input_size=16")
+
+
+def test_unknown_key_names_the_nearest(latent_yaml, tmp_path):
+    with pytest.raises(ConfigError, match="train.lrr.*did you mean 'train.lr'"):
+        gtrain.parse(["--latent", str(latent_yaml), "train.lrr=1"])
+
+
+def test_resume_with_other_settings_is_refused(latent_yaml, tmp_path):
+    run(latent_yaml, tmp_path / "r", "train.steps=5")
+    with pytest.raises(ValueError, match="train.lr differ"):
+        run(latent_yaml, tmp_path / "r", "train.steps=10", "train.lr=5e-4")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(latent_yaml, tmp_path, monkeypatch):
+    real = flow.flow_loss
+    calls = {"n": 0}
+
+    def poisoned(pred, target, cos_weight=0.0):
+        calls["n"] += 1
+        out = real(pred, target, cos_weight)
+        if calls["n"] == 8:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(flow, "flow_loss", poisoned)
+    with pytest.raises(gtrain.NonFiniteLoss, match="at step 7.*step_0000005.*kept"):
+        run(latent_yaml, tmp_path / "r", "train.steps=20")
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_0000005"]
