@@ -21,5 +21,16 @@ install: .venv/.installed
 test: install
 	$(PY) -m pytest
 
+# The README's commands, end to end on the synthetic set (configs/preset/demo.yaml).
+demo: install
+	$(PY) -m tokenizers.train vavae preset=demo
+	$(PY) -m latents.extract --tokenizer $(DEMO)/vavae/tokenizer --data synthetic --out $(DEMO)/latents.zarr
+	$(PY) -m generators.train --latent demo preset=demo
+	$(PY) -m generators.sample --run $(DEMO)/generator --num 500 --out $(DEMO)/samples_guided.npz
+	$(PY) -m generators.sample --run $(DEMO)/generator --num 500 --out $(DEMO)/samples_unguided.npz sample.cfg_scale=1.0
+	$(PY) -m eval.demo_report --tokenizer-run $(DEMO)/vavae --generator-run $(DEMO)/generator \
+		--guided $(DEMO)/samples_guided.npz --unguided $(DEMO)/samples_unguided.npz --out $(DEMO)/report.html
+	@echo "report: $(DEMO)/report.html"
+
 clean:
 	rm -rf runs .pytest_cache

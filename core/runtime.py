@@ -94,8 +94,8 @@ class RunFolder:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.ckpt_dir.glob("step_*") if p != final)[:-keep or None]:
-                if keep > 0:
+            if keep > 0:  # the newest `keep` checkpoints stay, this one included
+                for old in sorted(self.ckpt_dir.glob("step_*"))[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return final
