@@ -46,6 +46,11 @@ ENCODERS: dict[str, EncoderSpec] = {
     ),
     "mae_b": EncoderSpec("vit_base_patch16_224.mae", 224, 16, 1, IMAGENET_MEAN, IMAGENET_STD),
     "dinov3_b": EncoderSpec("vit_base_patch16_dinov3.lvd1689m", 256, 16, 5, IMAGENET_MEAN, IMAGENET_STD),
+    # DINO (v1) ViT-S/8, the frozen backbone of RAE's discriminator, which runs it with the tanh GELU
+    # (its own ViT code) although DINO was trained with the exact one.
+    "dino_s8": EncoderSpec(
+        "vit_small_patch8_224.dino", 224, 8, 1, IMAGENET_MEAN, IMAGENET_STD, {"act_layer": "gelu_tanh"}
+    ),
 }
 
 RESIZE_MODES = ("bicubic", "bilinear")

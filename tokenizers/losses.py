@@ -42,15 +42,17 @@ def vf_loss(
 
 
 def adaptive_weight(
-    loss_a: torch.Tensor, loss_b: torch.Tensor, layer_weight: torch.Tensor, scale: float, max_weight: float
+    loss_a: torch.Tensor, loss_b: torch.Tensor, layer_weight: torch.Tensor, scale: float, max_weight: float,
+    eps: float = 1e-4,
 ) -> torch.Tensor:
-    """scale * |d loss_a / d layer| / (|d loss_b / d layer| + 1e-4), clamped to [0, max_weight], detached.
+    """scale * |d loss_a / d layer| / (|d loss_b / d layer| + eps), clamped to [0, max_weight], detached.
 
-    Balances loss_b against loss_a at one layer (LDM's adaptive GAN weight; VA-VAE's VF weight).
+    Balances loss_b against loss_a at one layer (LDM's adaptive GAN weight with eps 1e-4; VA-VAE's VF
+    weight; RAE's GAN weight with eps 1e-6).
     """
     grad_a = torch.autograd.grad(loss_a, layer_weight, retain_graph=True)[0]
     grad_b = torch.autograd.grad(loss_b, layer_weight, retain_graph=True)[0]
-    return (grad_a.norm() / (grad_b.norm() + 1e-4)).clamp(0.0, max_weight).detach() * scale
+    return (grad_a.norm() / (grad_b.norm() + eps)).clamp(0.0, max_weight).detach() * scale
 
 
 def reconstruction_nll(

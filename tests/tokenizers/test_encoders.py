@@ -16,6 +16,7 @@ EXPECTED = {
     "siglip2_b": (256, 768),  # 256 / 16
     "mae_b": (196, 768),  # 224 / 16 = 14
     "dinov3_b": (256, 768),  # 256 / 16
+    "dino_s8": (784, 384),  # 224 / 8 = 28 (RAE's discriminator backbone)
 }
 
 
