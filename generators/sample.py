@@ -1,13 +1,15 @@
 """`python -m generators.sample --run <run dir> --num N --out samples.npz [sample.key=value ...]`
 
 Samples a trained generator (the EMA weights of its latest checkpoint, or `--checkpoint`), or
-an official release (`--official file.pt --latent <name> generator=<family file>`), decodes the
-latents with the latent config's tokenizer and writes an ADM-format `.npz` (`arr_0` uint8
-NHWC, `arr_1` labels) plus a PNG grid. Labels are class-balanced (sample i has class
-i mod num_classes) or random. Sample i depends only on (seed, i): the result does not depend
-on the batch size or the number of processes (`torchrun --nproc_per_node K -m
-generators.sample ...` splits the work). Chunks are written as they finish, so an
-interrupted run resumes.
+an official release (`--official file.pt --latent <name> [generator=<family file>]`; the default
+generator is the latent config's), decodes the latents with the latent config's tokenizer and
+writes an ADM-format `.npz` (`arr_0` uint8 NHWC, `arr_1` labels) plus a PNG grid. Guidance: CFG
+(`sample.cfg_scale`, interval, channels) and, on top of it, AutoGuidance by a weaker model
+(`sample.autoguidance.guide=<run folder | checkpoint folder | official file>`, `.scale`,
+`.interval`). Labels are class-balanced (sample i has class i mod num_classes) or random.
+Sample i depends only on (seed, i): the result does not depend on the batch size or the number
+of processes (`torchrun --nproc_per_node K -m generators.sample ...` splits the work). Chunks
+are written as they finish, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from core.log import get_logger
 from core.runtime import RunFolder, make_accelerator, progress
 from eval.npz import save_samples_npz, to_uint8
 from generators.guidance import cfg as cfg_guidance
+from generators.guidance import conditional, guided
 from generators.registry import build_generator
-from generators.sampling import initial_noise, sample, sample_generators
+from generators.sampling import DenoiseFn, initial_noise, sample, sample_generators
 from latents.dataset import decode_latents, load_latent_config
 
 log = get_logger("generators.sample")
@@ -55,10 +58,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     elif args.official:
         if not args.latent:
             raise SystemExit("--official needs --latent <name>")
-        generator = next((o.split("=", 1)[1] for o in overrides if o.startswith("generator=")), "lightningdit_xl1")
+        generator = next((o.split("=", 1)[1] for o in overrides if o.startswith("generator=")),
+                         load_latent_config(args.latent, preset).generator)
         cfg = compose("generator", generator, preset, [o for o in overrides if not o.startswith("generator=")])
         OmegaConf.set_struct(cfg, False)
-        cfg.latent = args.latent
+        cfg.latent, cfg.preset = args.latent, preset
     else:
         raise SystemExit("give --run <run folder> or --official <file>")
     if args.latent:
@@ -66,20 +70,63 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     return args, cfg
 
 
+def finished_checkpoint(path: Path) -> Path:
+    """A run's latest finished checkpoint folder, or `path` itself when it is a checkpoint folder."""
+    if (path / "trainer_state.json").is_file():
+        return path
+    done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
+    if not done:
+        raise SystemExit(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
+    return done[-1]
+
+
 def load_model(args: argparse.Namespace, cfg: DictConfig) -> torch.nn.Module:
     model = build_generator(cfg.model)
     if args.official:
         model.load_official_state_dict(load_torch_weights(args.official))
         return model.eval()
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    if ckpt is None:
-        done = sorted(p for p in (Path(args.run) / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
-        if not done:
-            raise SystemExit(f"{args.run} has no finished checkpoint yet")
-        ckpt = done[-1]
+    ckpt = finished_checkpoint(Path(args.checkpoint) if args.checkpoint else Path(args.run))
     model.load_state_dict(load_safetensors(ckpt / "ema.safetensors"), strict=True)
     log.info("EMA weights from %s", ckpt)
     return model.eval()
+
+
+def load_guide(cfg: DictConfig) -> torch.nn.Module | None:
+    """The AutoGuidance model named by `sample.autoguidance.guide` (eval mode), or None when unset.
+
+    `guide` is one of our run folders (the EMA weights of its latest checkpoint; family, size and
+    options from its config.yaml), one of its `checkpoints/step_N` folders, or an official checkpoint
+    file, built as the main model's family at `guide_size` (RAE's DiTDH-S_ep14/stage2_model.pt: S).
+    """
+    ag = cfg.sample.get("autoguidance")
+    if ag is None or not ag.guide:
+        return None
+    path = Path(ag.guide)
+    if path.is_file():
+        model = build_generator(OmegaConf.merge(cfg.model, {"size": ag.guide_size}))
+        model.load_official_state_dict(load_torch_weights(path))
+    else:
+        ckpt = finished_checkpoint(path)
+        guide_model = OmegaConf.load(ckpt.parent.parent / "config.yaml").model
+        for key in ("in_channels", "input_size", "num_classes"):
+            if guide_model[key] != cfg.model[key]:
+                raise ValueError(f"AutoGuidance guide {path} has model.{key}={guide_model[key]}, "
+                                 f"the sampled model {cfg.model[key]}")
+        model = build_generator(guide_model)
+        model.load_state_dict(load_safetensors(ckpt / "ema.safetensors"), strict=True)
+    log.info("AutoGuidance: guide %s at scale %s over t in %s", path, ag.scale, list(ag.interval))
+    return model.eval()
+
+
+def denoise_fn(model: torch.nn.Module, y: torch.Tensor, s: DictConfig,
+               guide: torch.nn.Module | None = None) -> DenoiseFn:
+    """The velocity field that `sample` settings `s` describe: CFG (scale, interval, channels), and on top
+    of it AutoGuidance away from `guide` (scale, interval) when there is one."""
+    fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
+                      list(s.cfg_channels) if s.cfg_channels is not None else None)
+    if guide is None:
+        return fn
+    return guided(fn, conditional(guide, y), s.autoguidance.scale, tuple(s.autoguidance.interval))
 
 
 def labels_for(num: int, num_classes: int, how: str, seed: int) -> np.ndarray:
@@ -90,7 +137,7 @@ def labels_for(num: int, num_classes: int, how: str, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def sample_chunk(model, cfg: DictConfig, latent_cfg: DictConfig, indices: np.ndarray, labels: np.ndarray,
-                 batch_size: int, device: torch.device) -> np.ndarray:
+                 batch_size: int, device: torch.device, guide: torch.nn.Module | None = None) -> np.ndarray:
     s = cfg.sample
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     out = []
@@ -98,8 +145,7 @@ def sample_chunk(model, cfg: DictConfig, latent_cfg: DictConfig, indices: np.nda
         idx = indices[start : start + batch_size]
         y = torch.as_tensor(labels[idx], device=device)
         z = initial_noise(idx.tolist(), shape, s.seed, device)
-        fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
-                          list(s.cfg_channels) if s.cfg_channels is not None else None)
+        fn = denoise_fn(model, y, s, guide)
         gens = sample_generators(idx.tolist(), s.seed, stream=1)  # the SDE's per-step noise, per sample
         x = sample(fn, z, s.steps, s.method, s.shift, generators=gens)
         out.append(to_uint8(decode_latents(latent_cfg, x).float().cpu()))
@@ -108,7 +154,7 @@ def sample_chunk(model, cfg: DictConfig, latent_cfg: DictConfig, indices: np.nda
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
-    latent_cfg = load_latent_config(cfg.latent)
+    latent_cfg = load_latent_config(cfg.latent, cfg.get("preset"))
     acc = make_accelerator("no")
     out = Path(args.out)
     parts = out.with_name(out.stem + ".parts")
@@ -116,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         parts.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     model = load_model(args, cfg).to(acc.device)
+    guide = load_guide(cfg)
+    guide = guide.to(acc.device) if guide is not None else None
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
     starts = list(range(0, args.num, CHUNK))
     mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
@@ -124,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         if part.is_file():
             continue
         images = sample_chunk(model, cfg, latent_cfg, np.arange(start, min(start + CHUNK, args.num)), labels,
-                              args.batch_size, acc.device)
+                              args.batch_size, acc.device, guide)
         with atomic_path(part) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images)

@@ -26,8 +26,8 @@ from core.log import get_logger
 from core.runtime import RunFolder, fused_adam_kwargs, make_accelerator, progress, seed_everything
 from generators import flow
 from generators.registry import build_generator
+from generators.sample import denoise_fn, load_guide
 from generators.sampling import initial_noise, sample, sample_generators
-from generators.guidance import cfg as cfg_guidance
 from latents.dataset import build_latent_loader, decode_latents, latent_info, load_latent_config
 
 log = get_logger("generators.train")
@@ -48,16 +48,17 @@ def parse(argv: list[str]) -> tuple[DictConfig, DictConfig]:
     parser.add_argument("--latent", required=True, help="a configs/latent/<name>.yaml name or a YAML path")
     positional, preset, overrides = split_cli(argv)
     args = parser.parse_args(positional)
-    latent_cfg = load_latent_config(args.latent)
+    latent_cfg = load_latent_config(args.latent, preset)  # the preset's section latent.<name>, if any
     chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("generator=")]
     generator = chosen[-1] if chosen else latent_cfg.generator
     overrides = [o for o in overrides if not o.startswith("generator=")]
     cfg = compose("generator", generator, preset, overrides)
     OmegaConf.set_struct(cfg, False)
-    cfg.latent = args.latent
+    cfg.latent, cfg.preset = args.latent, preset  # generators.sample rebuilds the latent config from both
     cfg.generator = generator
     if cfg.run.dir is None:
         cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{generator}"
+    OmegaConf.resolve(cfg)  # a preset may write run.dir with ${latent}
     return cfg, latent_cfg
 
 
@@ -87,17 +88,17 @@ def step_randomness(seed: int, step: int, rank: int, n: int, shape: tuple[int, .
 
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tuple[int, ...],
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, guide: torch.nn.Module | None = None) -> torch.Tensor:
     """Decoded images [N, 3, H, W] of the grid classes, seeded by the sample seed.
 
     `latents`: the training loader or a latent config (either names the decoding tokenizer).
+    `guide`: the AutoGuidance model of `sample.autoguidance` (generators.sample.load_guide), if any.
     """
     s = cfg.sample
     classes = [c for c in s.grid_classes if c < cfg.model.num_classes] or list(range(min(8, cfg.model.num_classes)))
     y = torch.tensor([c for c in classes for _ in range(s.grid_per_class)], device=device)
     z = initial_noise(range(len(y)), shape, s.seed, device)
-    fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
-                      list(s.cfg_channels) if s.cfg_channels is not None else None)
+    fn = denoise_fn(model, y, s, guide)
     x = sample(fn, z, s.steps, s.method, s.shift, generators=sample_generators(range(len(y)), s.seed, stream=1))
     return decode_latents(latents, x)
 
@@ -111,7 +112,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
     info = latent_info(latent_cfg)  # metadata only: a mismatch stops before any latent is read
     check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
-    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world)
+    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device)
 
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
@@ -133,6 +134,9 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     log.info("model %s %s: %.2fM parameters; %d process(es), batch %d per process",
              cfg.model.family, cfg.model.size, n_params / 1e6, world, cfg.train.global_batch // world)
 
+    guide = load_guide(cfg) if acc.is_main_process else None  # only the main process draws sample grids
+    if guide is not None:
+        guide.to(acc.device)
     shape = loader.latent_shape
     drop_prob = acc.unwrap_model(model).y_embedder.dropout_prob
     bar = progress(total=cfg.train.steps, initial=step, desc="train", enabled=acc.is_main_process)
@@ -167,17 +171,17 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
             run.save_training_state(step, ema.state_dict(), keep=cfg.train.keep_checkpoints)
         if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-            save_samples(ema.model, cfg, loader, shape, acc.device, run.path / "samples" / f"step_{step:07d}.png")
+            save_samples(ema.model, cfg, loader, shape, acc.device, run.path / "samples" / f"step_{step:07d}.png", guide)
     bar.close()
     acc.wait_for_everyone()
     return run.path
 
 
 def save_samples(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tuple[int, ...],
-                 device: torch.device, path: Path) -> None:
+                 device: torch.device, path: Path, guide: torch.nn.Module | None = None) -> None:
     from torchvision.utils import save_image
 
-    images = sample_grid(model.eval(), cfg, latents, shape, device)
+    images = sample_grid(model.eval(), cfg, latents, shape, device, guide)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images.float().clamp(-1, 1) + 1) / 2, str(path), nrow=cfg.sample.grid_per_class * 4)
 

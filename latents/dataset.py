@@ -1,25 +1,35 @@
-"""Training batches from latent stores, the latent config, and decoding of generated latents.
+"""Training batches from latent stores or encoded on the fly, the latent config, and decoding of generated latents.
 
 A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
 
     stores: [/data/latents/a.zarr, ...]   # local paths or fsspec URLs, rows concatenated in this order
     tokenizer: vavae:/ckpt/vavae.pt       # decodes the latents: saved tokenizer folder or family:official_path
-    normalization: store                  # store: (z - mean) / std with the stores' combined statistics
+    normalization: store                  # store: (z - mean) / std with the statistics below
                                           #   (z / std where they have no mean); none: latents as stored
+    stats: null                           # an RAE statistics file ({'mean': Tensor | None, 'var': Tensor}, as
+                                          #   released): replaces the stores' statistics; null: the stores'
+    online: null                          # {data: <data config name | YAML path | mapping>, workers: 4}: read the
+                                          #   images and encode them with `tokenizer` at every step instead of
+                                          #   reading stores (latents/online.py); `stores`, if also given, only
+                                          #   supply statistics, and one of `stats` or `stores` is required
     multiplier: 1.0                       # x = normalised z * multiplier (LightningDiT's latent_multiplier)
     cache_dir: null                       # null: the loader caches the latents in RAM; a local folder:
                                           #   in a memory-mapped .npy there, shared by the ranks of a node
     generator: lightningdit_xl1           # configs/generator/<name>.yaml trained by default on these latents
 
+A preset (`preset=demo` on the command line) may hold a section `latent: {<name>: {...}}` that is
+merged into the latent config of that name, e.g. the demo's store and tokenizer paths.
+
 Reading: random rows straight from Zarr reach only a few thousand per second, so the loader copies
 the valid rows of every store, both views, once into one uncompressed array [rows, 2, C, h, w] (in
 RAM or memory-mapped) and gathers batches from it with one `index_select`.
 
-Batches are a pure function of (seed, step): the global batch at step k is positions
+Batches are a pure function of (seed, step) (`BatchSchedule`): the global batch at step k is positions
 [k*B, (k+1)*B) of the concatenation of per-epoch permutations of the valid rows, each sample's view
 (plain or mirrored) is drawn from a generator seeded with (seed, k), and rank r of W takes the r-th
 of W equal slices. So a resumed run sees exactly the batches an uninterrupted one would, and
-changing the number of processes changes only how a global batch is split.
+changing the number of processes changes only how a global batch is split. The online loader
+follows the same rule over the images of its data source.
 """
 from __future__ import annotations
 
@@ -42,29 +52,57 @@ from latents.store import LatentStore, Stats, combined_stats
 
 log = get_logger("latents.dataset")
 
-LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "multiplier": 1.0, "cache_dir": None,
-                   "generator": "lightningdit_xl1"}
+LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "stats": None, "online": None,
+                   "multiplier": 1.0, "cache_dir": None, "generator": "lightningdit_xl1"}
+ONLINE_DEFAULTS = {"data": None, "workers": 4}
 
 
-def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any]) -> DictConfig:
-    """A latent config by name (configs/latent), YAML path, or an already composed mapping; checked."""
+def _check_keys(cfg: DictConfig, known: Mapping[str, Any], what: str) -> None:
+    for key in cfg.keys():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            raise ConfigError(f"unknown {what} key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
+def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str | None = None) -> DictConfig:
+    """A latent config by name (configs/latent), YAML path, or an already composed mapping; checked.
+
+    `preset`: merge the section `latent.<name>` of configs/preset/<preset>.yaml, if it has one (a
+    name or path only; a mapping is taken as already composed).
+    """
     if isinstance(name_or_cfg, (str, Path)):
         cfg = named_config("latent", str(name_or_cfg))
+        if preset is not None:
+            section = OmegaConf.select(named_config("preset", preset), f"latent.{Path(str(name_or_cfg)).stem}")
+            if section is not None:
+                _check_keys(section, LATENT_DEFAULTS, f"preset/{preset}.yaml latent config")
+                cfg = OmegaConf.merge(cfg, section)
     else:
         cfg = OmegaConf.create(OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else dict(name_or_cfg))
-    for key in cfg.keys():
-        if key not in LATENT_DEFAULTS:
-            close = difflib.get_close_matches(str(key), list(LATENT_DEFAULTS), n=1)
-            raise ConfigError(f"unknown latent config key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    _check_keys(cfg, LATENT_DEFAULTS, "latent config")
     cfg = OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS), cfg)
     if isinstance(cfg.stores, str):
         cfg.stores = [cfg.stores]
-    if not cfg.stores:
-        raise ConfigError("a latent config needs 'stores': one or more latent store paths or URLs")
+    if cfg.online is not None:
+        _check_keys(cfg.online, ONLINE_DEFAULTS, "latent config 'online'")
+        cfg.online = OmegaConf.merge(OmegaConf.create(ONLINE_DEFAULTS), cfg.online)
+        if not cfg.online.data:
+            raise ConfigError("latent config 'online' needs 'data': a data config name (configs/data), a YAML path "
+                              "or a mapping")
+    elif not cfg.stores:
+        raise ConfigError("a latent config needs 'stores' (latent store paths or URLs) or 'online' (images encoded "
+                          "on the fly)")
     if not cfg.tokenizer:
         raise ConfigError("a latent config needs 'tokenizer': the tokenizer that decodes its latents")
     if cfg.normalization not in ("store", "none"):
         raise ConfigError(f"latent config 'normalization' must be 'store' or 'none', got {cfg.normalization!r}")
+    if cfg.stats and cfg.normalization == "none":
+        raise ConfigError("latent config gives 'stats' but normalization is 'none'; drop one of them")
+    if cfg.online is not None and cfg.normalization == "store" and not cfg.stats and not cfg.stores:
+        raise ConfigError(
+            "an online latent config needs statistics to normalise the latents it encodes: 'stats: <file>' (an RAE "
+            "stat.pt such as the released one) or 'stores' whose statistics are used (e.g. a store extracted with "
+            "--stats element --no-mean); or set normalization: none")
     return cfg
 
 
@@ -105,61 +143,78 @@ class Normalizer:
 class LatentInfo:
     latent_shape: tuple[int, int, int]
     num_classes: int
-    num_rows: int  # valid rows over all stores
-    stores: tuple[LatentStore, ...]
+    num_rows: int  # valid rows over all stores, or images of the online source
+    stores: tuple[LatentStore, ...]  # online: the stores that supply statistics, if any
 
 
-def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
-    """Shape, classes and size of a latent config's stores, from their metadata only (no latents read).
-
-    A trainer checks these against its model before any compute.
-    """
-    cfg = load_latent_config(latent_cfg)
-    stores = tuple(LatentStore(url) for url in cfg.stores)
-    first = stores[0]
-    for s in stores[1:]:
+def open_stores(urls: list[str] | None) -> tuple[LatentStore, ...]:
+    """The stores of a config, checked to agree on shape, classes and tokenizer."""
+    stores = tuple(LatentStore(url) for url in urls or ())
+    for first, s in zip(stores, stores[1:]):
         if s.latent_shape != first.latent_shape or s.num_classes != first.num_classes:
             raise ValueError(f"latent stores disagree: {first.url} has shape {first.latent_shape} and {first.num_classes} "
                              f"classes, {s.url} has {s.latent_shape} and {s.num_classes}")
         if s.tokenizer.get("name") != first.tokenizer.get("name") or s.tokenizer.get("config") != first.tokenizer.get("config"):
             raise ValueError(f"latent stores {first.url} and {s.url} were made by different tokenizers")
-    return LatentInfo(first.latent_shape, first.num_classes, sum(s.num_valid for s in stores), stores)
+    return stores
 
 
-def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...]) -> Normalizer:
-    stats = combined_stats(list(stores)) if cfg.normalization == "store" else None
-    return Normalizer.from_stats(stats, cfg.multiplier)
+def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
+    """Shape, classes and size of a latent config's source, from metadata only (no latents read or encoded).
 
-
-class LatentLoader:
-    """Endless, deterministic, resumable batches of (normalised latents float32 [b, C, h, w], labels int64 [b]).
-
-    `batch_size` is the global batch; each of the `world_size` ranks gets `batch_size // world_size` of it.
-    Iterating yields the batches of steps `step`, `step + 1`, ...; `state_dict()` holds the next step.
+    Online: the shape comes from the tokenizer (which is loaded) and the classes from the data source.
+    A trainer checks these against its model before any compute.
     """
+    cfg = load_latent_config(latent_cfg)
+    stores = open_stores(cfg.stores)
+    if cfg.online is not None:
+        from latents.online import online_info
 
-    def __init__(self, stores: list[LatentStore], normalizer: Normalizer, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, start_step: int = 0, cache_dir: str | Path | None = None,
-                 config: DictConfig | None = None) -> None:
+        shape, num_classes, num_rows, tok_info = online_info(cfg)
+        for s in stores:  # they supply the statistics of latents encoded here
+            if s.latent_shape != shape:
+                raise ValueError(f"latent store {s.url} holds {s.latent_shape} latents, the online source makes {shape}")
+            check_made_by(tok_info, cfg.tokenizer, s)
+    else:
+        shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
+    if cfg.stats and cfg.normalization == "store":
+        std = official_normalizer(cfg).std
+        if tuple(std.shape) not in (shape, (shape[0], 1, 1)):
+            raise ValueError(f"statistics {cfg.stats} are shaped {tuple(std.shape)}, the latents {shape}")
+    return LatentInfo(shape, num_classes, num_rows, stores)
+
+
+def official_normalizer(cfg: DictConfig) -> Normalizer:
+    """The normalisation of the config's `stats` file (RAE's released format; std = sqrt(var + 1e-5))."""
+    from tokenizers.rae import load_official_stats
+
+    mean, std = load_official_stats(cfg.stats)
+    return Normalizer(mean, std, cfg.multiplier)
+
+
+def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = None) -> Normalizer:
+    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`)."""
+    if cfg.normalization == "none":
+        return Normalizer(None, None, cfg.multiplier)
+    if cfg.stats:
+        return official_normalizer(cfg)
+    stores = open_stores(cfg.stores) if stores is None else stores
+    return Normalizer.from_stats(combined_stats(list(stores)), cfg.multiplier)
+
+
+class BatchSchedule:
+    """The rows and views of rank `rank`'s part of the global batch of every step, a pure function of (seed, step)."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
             raise ValueError(f"global batch size {batch_size} is not divisible by the {world_size} processes")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.stores, self.normalizer, self.config = list(stores), normalizer, config  # config: for decode_latents
-        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
-        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, start_step
-        self.latent_shape, self.num_classes = self.stores[0].latent_shape, self.stores[0].num_classes
-        cache, labels = load_cache(self.stores, cache_dir)
-        self.num_rows = len(labels)
-        if self.num_rows == 0:
-            raise ValueError("the latent stores hold no valid rows")
-        self._views = torch.from_numpy(cache).view(2 * self.num_rows, *self.latent_shape)  # row r: 2r plain, 2r+1 mirrored
-        self._labels = torch.from_numpy(labels)
+        if num_rows == 0:
+            raise ValueError("the latent source holds no valid rows")
+        self.num_rows, self.batch_size, self.local_batch_size = num_rows, batch_size, batch_size // world_size
+        self.seed, self.rank = seed, rank
         self._perms: dict[int, np.ndarray] = {}
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_rows // self.batch_size
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -168,8 +223,8 @@ class LatentLoader:
             self._perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_rows)
         return self._perms[epoch]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of the global batch of training step `step`."""
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of step `step` and their views (1: mirrored), int64."""
         lo = self.rank * self.local_batch_size
         pos = step * self.batch_size + lo + np.arange(self.local_batch_size)
         epochs, offsets = np.divmod(pos, self.num_rows)
@@ -177,9 +232,32 @@ class LatentLoader:
         for e in np.unique(epochs):
             rows[epochs == e] = self._perm(int(e))[offsets[epochs == e]]
         flips = np.random.default_rng([self.seed, 1, step]).integers(0, 2, self.batch_size)[lo : lo + self.local_batch_size]
-        rows_t = torch.from_numpy(rows)
-        z = self._views.index_select(0, 2 * rows_t + torch.from_numpy(flips))
-        return self.normalizer.normalize(z), self._labels[rows_t]
+        return rows, flips
+
+
+class BatchLoader:
+    """Endless, deterministic, resumable batches of (normalised latents float32 [b, C, h, w], labels int64 [b]).
+
+    `batch_size` is the global batch; each of the `world_size` ranks gets `batch_size // world_size` of it.
+    `batch(step)` is a pure function of (seed, step): a subclass turns the rows and views that
+    `self.schedule(step)` picks into latents. Iterating yields the batches of steps `step`,
+    `step + 1`, ...; `state_dict()` holds the next step.
+    """
+
+    def __init__(self, num_rows: int, normalizer: Normalizer, batch_size: int, seed: int, rank: int, world_size: int,
+                 start_step: int, config: DictConfig | None) -> None:
+        self.schedule = BatchSchedule(num_rows, batch_size, seed, rank, world_size)
+        self.num_rows, self.normalizer, self.config = num_rows, normalizer, config  # config: for decode_latents
+        self.batch_size, self.local_batch_size = batch_size, self.schedule.local_batch_size
+        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.batch_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the global batch of training step `step`."""
+        raise NotImplementedError
 
     def __iter__(self):
         while True:
@@ -196,6 +274,26 @@ class LatentLoader:
                 raise ValueError(f"loader state has {key}={state[key]}, this loader {getattr(self, key)}: "
                                  "a resumed run would see other batches")
         self.step = int(state["step"])
+
+
+class LatentLoader(BatchLoader):
+    """Batches from latent stores, cached whole (see the module docstring)."""
+
+    def __init__(self, stores: list[LatentStore], normalizer: Normalizer, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, cache_dir: str | Path | None = None,
+                 config: DictConfig | None = None) -> None:
+        self.stores = list(stores)
+        self.latent_shape, self.num_classes = self.stores[0].latent_shape, self.stores[0].num_classes
+        cache, labels = load_cache(self.stores, cache_dir)
+        super().__init__(len(labels), normalizer, batch_size, seed, rank, world_size, start_step, config)
+        self._views = torch.from_numpy(cache).view(2 * self.num_rows, *self.latent_shape)  # row r: 2r plain, 2r+1 mirrored
+        self._labels = torch.from_numpy(labels)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, flips = self.schedule(step)
+        rows_t = torch.from_numpy(rows)
+        z = self._views.index_select(0, 2 * rows_t + torch.from_numpy(flips))
+        return self.normalizer.normalize(z), self._labels[rows_t]
 
 
 def load_cache(stores: list[LatentStore], cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -247,40 +345,53 @@ def fill_cache(stores: list[LatentStore], cache: np.ndarray, labels: np.ndarray)
 
 
 def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: int, seed: int = 0, rank: int = 0,
-                        world_size: int = 1, start_step: int = 0) -> LatentLoader:
-    """The training loader of a latent config; `batch_size` is global (split over `world_size` ranks)."""
+                        world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None) -> BatchLoader:
+    """The training loader of a latent config; `batch_size` is global (split over `world_size` ranks).
+
+    `device`: where an online source encodes (and returns) its latents; store batches stay on the CPU.
+    """
     cfg = load_latent_config(latent_cfg)
     info = latent_info(cfg)
-    return LatentLoader(list(info.stores), normalizer_for(cfg, info.stores), batch_size, seed, rank, world_size,
-                        start_step, cfg.cache_dir, cfg)
+    normalizer = normalizer_for(cfg, info.stores)
+    if cfg.online is not None:
+        from latents.online import OnlineLoader
+
+        return OnlineLoader(cfg, normalizer, batch_size, seed, rank, world_size, start_step, device, info.stores)
+    return LatentLoader(list(info.stores), normalizer, batch_size, seed, rank, world_size, start_step, cfg.cache_dir, cfg)
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(spec: str):
+def cached_tokenizer(spec: str) -> tuple[Any, dict[str, Any]]:
+    """`latents.extract.open_tokenizer(spec)`, loaded once per process (decoding and online encoding share it)."""
     from latents.extract import open_tokenizer
 
     return open_tokenizer(spec)
 
 
-def decode_latents(source: LatentLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
+def check_made_by(tok_info: Mapping[str, Any], spec: str, store: LatentStore) -> None:
+    made_by = store.tokenizer
+    if tok_info["name"] != made_by.get("name") or tok_info["config"] != made_by.get("config"):
+        raise ValueError(f"tokenizer {spec} ({tok_info['name']}) is not the one that made {store.url} "
+                         f"({made_by.get('name')} with config {made_by.get('config')})")
+
+
+def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents (as the loader gives and a generator samples) -> images in [-1, 1].
 
     `source` is a loader from `build_latent_loader` or a latent config; the tokenizer it names is
     loaded once, checked against the one that made the stores, and run on the latents' device.
     """
-    if isinstance(source, LatentLoader):
+    if isinstance(source, BatchLoader):
         if source.config is None:
             raise ValueError("this loader was not built from a latent config (build_latent_loader), so it names no tokenizer")
         cfg, stores, normalizer = source.config, source.stores, source.normalizer
     else:
         cfg = load_latent_config(source)
-        stores = latent_info(cfg).stores
+        stores = open_stores(cfg.stores)
         normalizer = normalizer_for(cfg, stores)
-    tok, tok_info = _tokenizer(str(cfg.tokenizer))
-    made_by = stores[0].tokenizer
-    if tok_info["name"] != made_by.get("name") or tok_info["config"] != made_by.get("config"):
-        raise ValueError(f"tokenizer {cfg.tokenizer} ({tok_info['name']}) is not the one that made {stores[0].url} "
-                         f"({made_by.get('name')} with config {made_by.get('config')})")
+    tok, tok_info = cached_tokenizer(str(cfg.tokenizer))
+    if stores:
+        check_made_by(tok_info, cfg.tokenizer, stores[0])
     tok.to(latents.device)
     with torch.no_grad():
         return tok.decode(normalizer.denormalize(latents))

@@ -1,0 +1,117 @@
+"""Latents encoded on the fly: a latent config's `online` source, as the official RAE training does it.
+
+RAE's latents are 768x16x16 (384 KB a view in float16, about 1 TB for ImageNet with flips), so
+instead of reading a store the loader reads the images of step k, mirrors those whose view says so,
+and encodes them with the frozen tokenizer on the training device. The rows and views of a step are
+chosen exactly as for a store (`latents.dataset.BatchLoader`): a seeded permutation per epoch of
+the data set and a flip drawn from (seed, step), so batches are a pure function of (seed, step)
+and a resumed run sees the batches an uninterrupted one would. The latents are normalised with
+the config's statistics (`stats`, e.g. RAE's released file, or the statistics of `stores`).
+
+Images are decoded in `online.workers` background processes that work a few steps ahead; the
+encoder runs in the training process. An image that cannot be decoded is skipped and logged, so
+that step's batch is one sample smaller.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from core.config import named_config
+from core.images import Skipping, build_source
+from core.log import get_logger
+from latents.dataset import BatchLoader, BatchSchedule, Normalizer, cached_tokenizer
+from latents.store import LatentStore
+
+log = get_logger("latents.online")
+
+
+def data_config(cfg: DictConfig) -> dict[str, Any]:
+    """`online.data`: a data config name (configs/data), a YAML path, or the config itself."""
+    data = cfg.online.data
+    node = named_config("data", data) if isinstance(data, str) else data
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _source(data_json: str) -> Any:
+    # Listing ImageNet takes seconds; latent_info and the loader share one listing.
+    return build_source(json.loads(data_json))
+
+
+def open_source(cfg: DictConfig) -> tuple[Any, int]:
+    """The data source of an online config and its image size."""
+    data = data_config(cfg)
+    return _source(json.dumps(data, sort_keys=True)), int(data["image_size"])
+
+
+def online_info(cfg: DictConfig) -> tuple[tuple[int, int, int], int, int, dict[str, Any]]:
+    """(latent shape, classes, images, tokenizer provenance) without encoding anything."""
+    source, size = open_source(cfg)
+    tok, tok_info = cached_tokenizer(str(cfg.tokenizer))
+    expected = getattr(tok, "image_size", size)  # RAE is built for one image size; VA-VAE takes any multiple of 16
+    if expected != size:
+        raise ValueError(f"tokenizer {cfg.tokenizer} encodes {expected} px images, the online data gives {size} px "
+                         "(set image_size in the data config)")
+    return tuple(tok.latent_shape(size)), int(source.num_classes), len(source), tok_info
+
+
+class StepImages(torch.utils.data.Dataset):
+    """Item k: (images [b, 3, H, W], labels [b]) of one rank's part of step k, mirrored where drawn."""
+
+    def __init__(self, source: Any, schedule: BatchSchedule) -> None:
+        self.source, self.items, self.schedule = source, Skipping(source), schedule
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, flips = self.schedule(step)
+        images, labels = [], []
+        for row, flip in zip(rows.tolist(), flips.tolist()):
+            item = self.items[row]
+            if item.error is not None:
+                log.warning("skipped %s (%s)", self.source.where(row), item.error)
+                continue
+            images.append(item.image.flip(-1) if flip else item.image)
+            labels.append(item.label)
+        if not images:
+            raise ValueError(f"no image of step {step} could be decoded")
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class OnlineLoader(BatchLoader):
+    """Batches encoded from images at every step, on `device` (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, normalizer: Normalizer, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None,
+                 stores: tuple[LatentStore, ...] = ()) -> None:
+        source, size = open_source(cfg)
+        super().__init__(len(source), normalizer, batch_size, seed, rank, world_size, start_step, cfg)
+        self.stores = list(stores)  # the statistics' source, if any (decode_latents checks the tokenizer against it)
+        self.tokenizer, _ = cached_tokenizer(str(cfg.tokenizer))
+        self.device = torch.device(device or "cpu")
+        self.tokenizer.to(self.device).eval()
+        self.latent_shape, self.num_classes = tuple(self.tokenizer.latent_shape(size)), int(source.num_classes)
+        self.images = StepImages(source, self.schedule)
+        self.workers = int(cfg.online.workers)
+        self._prefetch, self._next = None, None
+
+    def _step_images(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.workers == 0:
+            return self.images[step]
+        if self._next != step:  # a new position (start, resume): restart the workers there
+            self._prefetch = iter(torch.utils.data.DataLoader(
+                self.images, batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
+                pin_memory=self.device.type == "cuda"))
+        self._next = step + 1
+        return next(self._prefetch)
+
+    @torch.no_grad()
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self._step_images(step)
+        z = self.tokenizer.encode(images.to(self.device, non_blocking=True)).float()
+        return self.normalizer.normalize(z), labels.to(self.device)
