@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.checkpoint import load_torch_weights
 from generators.layers import (
+    zero_modulation_and_output,
     Attention,
     FinalLayer,
     LabelEmbedder,
@@ -187,12 +188,7 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
             self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).float()[None])
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
-            self.final_layer.adaLN_modulation[-1],
-            self.final_layer.linear,
-        ]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_modulation_and_output(self.blocks, self.final_layer)
 
     def _block(self, i: int, h: torch.Tensor, c: torch.Tensor, rope: nn.Module | None) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():

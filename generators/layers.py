@@ -226,3 +226,10 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)
+
+
+def zero_modulation_and_output(blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+    """adaLN-Zero init: every modulation output and the final projection start at zero."""
+    for layer in [b.adaLN_modulation[-1] for b in blocks] + [final_layer.adaLN_modulation[-1], final_layer.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.checkpoint import load_torch_weights
 from generators.layers import (
+    zero_modulation_and_output,
     Attention,
     FinalLayer,
     LabelEmbedder,
@@ -144,12 +145,7 @@ class LightningDiT(nn.Module, PyTorchModelHubMixin):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
-            self.final_layer.adaLN_modulation[-1],
-            self.final_layer.linear,
-        ]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_modulation_and_output(self.blocks, self.final_layer)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W); channels are fastest within a patch."""

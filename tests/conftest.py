@@ -25,3 +25,12 @@ def bad_images() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared bad images not found at {path}")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
