@@ -56,11 +56,16 @@ def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _check_known(schema: DictConfig, update: DictConfig, where: str) -> None:
+def open_paths(cfg: DictConfig) -> list[str]:
+    """Mappings that are free-form (an empty dict such as `model.options`): any key may go below them."""
+    return [p for p in dotted_keys(cfg) if _is_open(OmegaConf.select(cfg, p))]
+
+
+def _check_known(schema: DictConfig, update: DictConfig, where: str, free: Iterable[str] = ()) -> None:
     known = set(dotted_keys(schema))
+    free = set(free) | set(open_paths(schema))
     for key in dotted_keys(update):
-        # Below a mapping that is free-form in the schema (an empty dict), anything goes.
-        if key not in known and not any(key.startswith(p + ".") and _is_open(OmegaConf.select(schema, p)) for p in known):
+        if key not in known and not any(key.startswith(p + ".") for p in free):
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.4)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
@@ -102,6 +107,7 @@ def compose(
     if family is not None:
         # A family file may add its own keys (its model's options); later layers may not.
         cfg = OmegaConf.merge(cfg, named_config(stage, family))
+    free = open_paths(cfg)  # stays free-form after a preset fills it
     pairs = parse_overrides(overrides)
 
     # Group selection first, so `data=imagenet data.root=/x` works in either order.
@@ -113,26 +119,29 @@ def compose(
             rest.append((key, value))
 
     if preset is not None:
-        cfg = _apply_preset(cfg, preset, stage, family)
+        cfg = _apply_preset(cfg, preset, stage, family, free)
 
-    return apply_overrides(cfg, rest)
+    return apply_overrides(cfg, rest, free=free)
 
 
-def apply_overrides(cfg: DictConfig, pairs: Iterable[tuple[str, Any]], where: str = "the command line") -> DictConfig:
-    """Set `key=value` pairs (from `parse_overrides`) on `cfg`; a key it lacks is an error."""
+def apply_overrides(cfg: DictConfig, pairs: Iterable[tuple[str, Any]], where: str = "the command line",
+                    free: Iterable[str] = ()) -> DictConfig:
+    """Set `key=value` pairs (from `parse_overrides`) on `cfg`; a key it lacks is an error
+    unless it lies below a free-form mapping (`free`, or an empty mapping of `cfg`)."""
+    free = list(free)
     for key, value in pairs:
-        _check_known(cfg, OmegaConf.from_dotlist([f"{key}=x"]), where)
+        _check_known(cfg, OmegaConf.from_dotlist([f"{key}=x"]), where, free)
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
 
 
-def _apply_preset(cfg: DictConfig, preset: str, stage: str, family: str | None) -> DictConfig:
+def _apply_preset(cfg: DictConfig, preset: str, stage: str, family: str | None, free: list[str]) -> DictConfig:
     """A preset file holds sections named after a stage (``tokenizer``) or a family (``vavae``)."""
     doc = named_config("preset", preset)
     for section in [stage, family]:
         if section is not None and section in doc:
             part = doc[section]
-            _check_known(cfg, part, f"preset/{preset}.yaml [{section}]")
+            _check_known(cfg, part, f"preset/{preset}.yaml [{section}]", free)
             cfg = OmegaConf.merge(cfg, part)
     return cfg
 

@@ -53,6 +53,12 @@ def test_open_mapping_accepts_new_keys(configs):
     assert compose("stage", None, None, ["extra.anything=3"]).extra.anything == 3
 
 
+def test_open_mapping_stays_open_after_a_preset_fills_it(configs):
+    (configs / "preset" / "opts.yaml").write_text("stage:\n  extra:\n    depth: 2\n")
+    cfg = compose("stage", None, "opts", ["extra.patch=2"])
+    assert cfg.extra.depth == 2 and cfg.extra.patch == 2
+
+
 def test_values_are_typed(configs):
     cfg = compose("stage", "fam", None, ["train.lr=2e-4", "model.width=[1,2]"])
     assert isinstance(cfg.train.lr, float) and list(cfg.model.width) == [1, 2]
