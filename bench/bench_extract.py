@@ -13,7 +13,6 @@ at a time (shards of 256 rows here, so both sizes write several).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -21,12 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit, peak_rss_mib  # first: puts the repository on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(block_out_channels=(16, 16, 32, 32, 32), layers_per_block=1, latent_channels=32, norm_num_groups=8)
 
 
 def child(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO))
     import torch
 
     from core.images import SyntheticSource
@@ -39,20 +39,20 @@ def child(args: argparse.Namespace) -> None:
     source = SyntheticSource(args.child, args.image_size, num_classes=10)
     config = {"images": args.child, "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
               "shard_rows": args.shard_size, "workers": args.workers, "threads": torch.get_num_threads(), "device": "cpu"}
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         store = extract(tok, describe(tok), source, {"kind": "synthetic", "image_size": args.image_size},
                         f"{tmp}/bench.zarr", ExtractSettings(batch_size=args.batch_size, shard_rows=args.shard_size), workers=args.workers)
         seconds = time.perf_counter() - t
         assert store.num_valid == args.child
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # DataLoader workers, if any
     for metric, value, unit in [("throughput", args.child / seconds, "images/s"),
                                 ("peak_rss_before_extract", rss_before, "MiB"),
                                 ("peak_rss", peak, "MiB"),
                                 ("peak_rss_children", children_peak, "MiB")]:
-        print(json.dumps({"bench": "extract", "metric": metric, "value": round(value, 2), "unit": unit, "config": config}), flush=True)
+        emit("extract", metric, value, unit, config)
 
 
 def main() -> None:

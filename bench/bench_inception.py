@@ -1,6 +1,6 @@
 """Speed of the gFID path: Inception feature extraction, precision/recall, Fréchet distance.
 
-    python -m bench.bench_inception [--device cuda] [--batch-size 16] [--images 64] [--size 256]
+    .venv/bin/python bench/bench_inception.py [--device cuda] [--batch-size 16] [--images 64] [--size 256]
 
 Prints one JSON line per measurement. Random Inception weights unless --weights is given (speed is the
 same; the numbers computed on the way are never metrics).
@@ -8,9 +8,9 @@ same; the numbers computed on the way are never metrics).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from common import emit  # first: puts the repository on sys.path
 import numpy as np
 import torch
 
@@ -21,10 +21,6 @@ from eval.metrics import precision_recall
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def emit(bench: str, metric: str, value: float, unit: str, config: dict) -> None:
-    print(json.dumps({"bench": bench, "metric": metric, "value": round(value, 4), "unit": unit, "config": config}), flush=True)
 
 
 def main() -> None:

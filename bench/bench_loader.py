@@ -9,26 +9,19 @@ Prints JSON lines {"bench", "metric", "value", "unit", "config"}.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import emit  # first: puts the repository on sys.path
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from latents import store as zs  # noqa: E402
-from latents.dataset import LatentLoader, Normalizer  # noqa: E402
+from latents import store as zs
+from latents.dataset import LatentLoader, Normalizer
 
 SHAPE = (32, 16, 16)
-
-
-def emit(metric: str, value: float, unit: str, config: dict) -> None:
-    print(json.dumps({"bench": "loader", "metric": metric, "value": round(value, 3), "unit": unit, "config": config}), flush=True)
 
 
 def write_store(path: str, rows: int) -> None:
@@ -61,13 +54,13 @@ def main() -> None:
     try:
         t = time.perf_counter()
         write_store(path, args.rows)
-        emit("store_write", args.rows / (time.perf_counter() - t), "latents/s", config)
+        emit("loader", "store_write", args.rows / (time.perf_counter() - t), "latents/s", config)
         store = zs.LatentStore(path)
         for cache_dir in (None, root / "cache"):
             cfg = {**config, "cache": "ram" if cache_dir is None else "mmap"}
             t = time.perf_counter()
             loader = LatentLoader([store], Normalizer.from_stats(store.stats), args.batch_size, seed=0, cache_dir=cache_dir)
-            emit("cache_build", args.rows / (time.perf_counter() - t), "latents/s", cfg)
+            emit("loader", "cache_build", args.rows / (time.perf_counter() - t), "latents/s", cfg)
             it = iter(loader)
             for _ in range(10):  # warm-up
                 next(it)
@@ -76,9 +69,9 @@ def main() -> None:
                 x, y = next(it)
             dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
             assert x.shape == (args.batch_size, *SHAPE) and x.dtype == torch.float32
-            emit("throughput", args.steps * args.batch_size / dt, "latents/s", cfg)
+            emit("loader", "throughput", args.steps * args.batch_size / dt, "latents/s", cfg)
             # CPU seconds of all threads: on a shared machine this shows what the loader costs, not what it got.
-            emit("throughput_per_cpu_second", args.steps * args.batch_size / dcpu, "latents/cpu-s", cfg)
+            emit("loader", "throughput_per_cpu_second", args.steps * args.batch_size / dcpu, "latents/cpu-s", cfg)
             del loader, it
     finally:
         if args.dir is None:
