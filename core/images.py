@@ -7,6 +7,7 @@ skip (or, when strict, into an error that names the file).
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -18,6 +19,11 @@ from core.log import get_logger
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 log = get_logger("images")
+
+
+def default_workers() -> int:
+    """Image decoding processes: 4, or fewer on a machine with fewer cores (more would only thrash)."""
+    return min(4, len(os.sched_getaffinity(0)))
 
 
 class BadImageError(ValueError):

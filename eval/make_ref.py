@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.images import build_source
+from core.images import build_source, default_workers
 from core.log import get_logger
 from eval.npz import save_samples_npz
 from eval.recon import DataImages
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--num", type=int, help="the first N images only (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes (default: min(4, cores))")
     args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if bad := [o for o in overrides if not o.startswith("data.") or "=" not in o]:
         p.error(f"unrecognised arguments: {' '.join(bad)} (only data.key=value overrides are accepted)")

@@ -27,7 +27,7 @@ import torch
 
 from core.checkpoint import atomic_path
 from core.config import to_dict
-from core.images import build_source, iterate_images
+from core.images import build_source, default_workers, iterate_images
 from core.log import get_logger
 from core.runtime import progress
 from eval.fid import features_from_images, frechet_distance, stats
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default="imagenet_val", help="data config name (configs/data) or YAML path")
     p.add_argument("--num", type=int, help="evaluate the first N images only (default: all)")
     p.add_argument("--lpips-random", action="store_true", help="random VGG trunk for LPIPS only (a pipeline test)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes (default: min(4, cores))")
     add_common_args(p, default_batch_size=32)
     args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if bad := [o for o in overrides if not o.startswith("data.") or "=" not in o]:

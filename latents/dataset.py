@@ -8,7 +8,7 @@ A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
                                           #   (z / std where they have no mean); none: latents as stored
     stats: null                           # an RAE statistics file ({'mean': Tensor | None, 'var': Tensor}, as
                                           #   released): replaces the stores' statistics; null: the stores'
-    online: null                          # {data: <data config name | YAML path | mapping>, workers: 4}: read the
+    online: null                          # {data: <data config name | YAML path | mapping>, workers: min(4, cores)}: read the
                                           #   images and encode them with `tokenizer` at every step instead of
                                           #   reading stores (latents/online.py); `stores`, if also given, only
                                           #   supply statistics, and one of `stats` or `stores` is required
@@ -47,6 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import ConfigError, named_config
+from core.images import default_workers
 from core.log import get_logger
 from latents.store import LatentStore, Stats, combined_stats
 
@@ -54,7 +55,7 @@ log = get_logger("latents.dataset")
 
 LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "stats": None, "online": None,
                    "multiplier": 1.0, "cache_dir": None, "generator": "lightningdit_xl1"}
-ONLINE_DEFAULTS = {"data": None, "workers": 4}
+ONLINE_DEFAULTS = {"data": None, "workers": default_workers()}
 
 
 def _check_keys(cfg: DictConfig, known: Mapping[str, Any], what: str) -> None:

@@ -43,7 +43,7 @@ from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import ConfigError, apply_overrides, named_config, parse_overrides, to_dict
-from core.images import Skipping, build_source, collate_items
+from core.images import Skipping, build_source, collate_items, default_workers
 from core.log import JsonlWriter, get_logger
 from core.runtime import make_accelerator, progress
 from latents import store as zs
@@ -307,7 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-mean", action="store_true", help="statistics without a mean: z / std (RAE)")
     p.add_argument("--sample-posterior", action="store_true", help="store posterior samples (official VA-VAE recipe)")
     p.add_argument("--seed", type=int, default=0, help="row permutation and posterior samples")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes per rank")
+    p.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes per rank (default: min(4, cores))")
     p.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: < 64 MiB, at most 4096)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while encoding (default fp32)")
     p.add_argument("overrides", nargs="*", help="data.key=value")

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from core.config import ConfigError
-from core.images import SyntheticSource
+from core.images import SyntheticSource, default_workers
 from latents.dataset import BatchSchedule, build_latent_loader, decode_latents, latent_info, load_latent_config
 from latents.extract import main as extract_main
 from latents.extract import open_tokenizer
@@ -75,7 +75,7 @@ def test_online_without_statistics_is_a_clear_error(rae):
         load_latent_config({"tokenizer": str(tok), "stats": "s.pt", "online": {"workers": 0}})
     with pytest.raises(ConfigError, match="did you mean 'workers'"):
         load_latent_config({"tokenizer": str(tok), "stats": "s.pt", "online": {"data": IMAGES, "worker": 0}})
-    assert load_latent_config({"tokenizer": str(tok), "online": {"data": IMAGES}, "normalization": "none"}).online.workers == 4
+    assert load_latent_config({"tokenizer": str(tok), "online": {"data": IMAGES}, "normalization": "none"}).online.workers == default_workers()
 
 
 def test_online_info_comes_from_tokenizer_and_data_without_encoding(rae, monkeypatch):
