@@ -74,18 +74,21 @@ class ExtractSettings:
 
 
 def open_tokenizer(spec: str) -> tuple[Tokenizer, dict[str, Any]]:
-    """A saved tokenizer folder, or `family:path` of an official release; returns it and its provenance."""
+    """A saved tokenizer folder, or `family:path[,key=value...]` of an official release (the options go
+    to the family's `load_official`, e.g. `rae:<decoder model.pt>,encoder=siglip2_b`); returns it and
+    its provenance."""
     import tokenizers.families  # noqa: F401  (registers every family)
 
     if Path(spec).is_dir():
         tok = load_tokenizer(spec)
         return tok.eval(), describe(tok, spec)
-    family, sep, path = spec.partition(":")
+    family, sep, rest = spec.partition(":")
     if not sep or family not in TOKENIZERS:
         raise ValueError(
             f"--tokenizer {spec!r} is neither a saved tokenizer folder nor family:path with a family in {sorted(TOKENIZERS)}"
         )
-    tok = TOKENIZERS[family].load_official(path)
+    path, *options = rest.split(",")
+    tok = TOKENIZERS[family].load_official(path, **dict(parse_overrides(options)))
     info = describe(tok)
     if Path(path).is_file():
         info["checkpoint_sha256"] = sha256_of(path)

@@ -251,10 +251,18 @@ class RAE(Tokenizer):
         self.decoder.load_state_dict(state, strict=True)
 
     @classmethod
-    def load_official(cls, path: str | Path, **config: Any) -> "RAE":
-        """A released decoder ``model.pt`` (e.g. ``decoders/dinov2/wReg_base/ViTXL_n08/model.pt``) with its
-        encoder; ``config`` as the constructor's (default: DINOv2-B with registers, XL, 256 px)."""
-        model = cls(**config)
+    def load_official(cls, path: str | Path, encoder: str | None = None, **config: Any) -> "RAE":
+        """A released decoder ``model.pt`` (e.g. ``decoders/dinov2/wReg_base/ViTXL_n08/model.pt``) with the
+        encoder it was trained with; ``config`` as the constructor's (default: XL decoder, 256 px).
+
+        ``encoder`` is required: every 768-wide encoder's decoder has the same shapes, so a decoder paired
+        with the wrong encoder would load strictly and decode garbage.
+        """
+        if encoder is None:
+            raise ValueError(f"RAE.load_official({str(path)!r}) needs the encoder its decoder was trained with: "
+                             f"one of {sorted(ENCODERS)} (the releases use dinov2_b_reg, siglip2_b, mae_b); "
+                             f"on the command line: --tokenizer rae:{path},encoder=dinov2_b_reg")
+        model = cls(encoder=encoder, **config)
         model.load_official_decoder(load_torch_weights(path), what=f"RAE official decoder {path}")
         return model.eval()
 

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from latents.extract import open_tokenizer
 from tokenizers import rae as rae_mod
+from tokenizers.base import sha256_of
 from tokenizers.encoders import ENCODERS
 from tokenizers.rae import DECODERS, RAE, ViTDecoder, build_rae_encoder, load_official_stats, noise_augment
 
@@ -270,6 +272,12 @@ def test_official_decoder_loads_strictly(small_encoders, tmp_path):
     z = src.encode(images(1))
     assert not model.training and torch.equal(model.decode(z), src.decode(z))
     sd = src.decoder.state_dict()
+    # the same file from the command line's `family:path,options` spec; the encoder must be named
+    tok, info = open_tokenizer(f"rae:{path},encoder=siglip2_b,decoder=tiny,random_init=true")
+    assert tok.config["encoder"] == "siglip2_b" and torch.equal(tok.decode(z), src.decode(z))
+    assert info["checkpoint_sha256"] == sha256_of(path)
+    with pytest.raises(ValueError, match=r"needs the encoder.*rae:.*model.pt,encoder="):
+        open_tokenizer(f"rae:{path}")
     with pytest.raises(KeyError, match="missing.*decoder_pos_embed"):
         model.load_official_decoder({k: v for k, v in sd.items() if k != "decoder_pos_embed"})
     with pytest.raises(KeyError, match="unexpected.*mask_token"):
