@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-rae bench clean
 
 install: .venv/.installed
 
@@ -31,6 +31,22 @@ demo: install
 	$(PY) -m eval.demo_report --tokenizer-run $(DEMO)/vavae --generator-run $(DEMO)/generator \
 		--guided $(DEMO)/samples_guided.npz --unguided $(DEMO)/samples_unguided.npz --out $(DEMO)/report.html
 	@echo "report: $(DEMO)/report.html"
+
+# RAE demos (configs/preset/demo.yaml): for each frozen encoder (random weights of the real ViT-B), a tiny
+# decoder, a store of 500 synthetic images, a tiny DiT^DH and 100 samples. `make demo-rae-siglip2_b` runs one.
+rae_latent_dinov2_b := rae_dino
+rae_latent_siglip2_b := rae_siglip
+rae_latent_mae_b := rae_mae
+
+demo-rae: demo-rae-dinov2_b demo-rae-siglip2_b demo-rae-mae_b
+
+demo-rae-%: install
+	$(PY) -m tokenizers.train rae encoder=$* preset=demo
+	$(PY) -m latents.extract --tokenizer $(DEMO)/rae_$*/tokenizer --data synthetic --out $(DEMO)/$(rae_latent_$*).zarr \
+		--stats element --no-mean data.num_images=500
+	$(PY) -m generators.train --latent $(rae_latent_$*) preset=demo
+	$(PY) -m generators.sample --run $(DEMO)/$(rae_latent_$*)_ditdh --num 100 --out $(DEMO)/$(rae_latent_$*)_samples.npz
+	@echo "grids: $(DEMO)/rae_$*/samples $(DEMO)/$(rae_latent_$*)_ditdh/samples $(DEMO)/$(rae_latent_$*)_samples.png"
 
 clean:
 	rm -rf runs .pytest_cache
