@@ -12,6 +12,7 @@ from core.log import read_jsonl
 from generators import flow
 from generators import sample as gsample
 from generators import train as gtrain
+from generators.registry import build_generator
 from latents.extract import main as extract_main
 from core.checkpoint import load_safetensors
 from tokenizers.rae import RAE
@@ -73,6 +74,8 @@ def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
     assert demo.run.dir == "runs/demo/rae_dino_ditdh" and demo.preset == "demo"
     assert demo_latent.stores == ["runs/demo/rae_dino.zarr"] and demo.model.input_size == 4  # 64 px demo images
     assert demo.flow.time_shift == demo.sample.shift == pytest.approx(flow.dimension_shift(768 * 4 * 4))
+    # The preset's LightningDiT demo (patch 2) must not leak into its DiT^DH demo (1x1 patches only).
+    assert sum(p.numel() for p in build_generator(demo.model).parameters()) < 2e6
 
 
 def test_ditdh_trains_on_a_rae_store_with_sample_grids(trained):
