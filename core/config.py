@@ -56,9 +56,17 @@ def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def open_paths(cfg: DictConfig) -> list[str]:
-    """Mappings that are free-form (an empty dict such as `model.options`): any key may go below them."""
-    return [p for p in dotted_keys(cfg) if _is_open(OmegaConf.select(cfg, p))]
+def open_paths(cfg: Any, prefix: str = "") -> list[str]:
+    """Mappings that are free-form (an empty dict such as `model.options`): any key may go below them.
+    Walks the nodes without resolving them (`${latent}` in run.dir is only set later)."""
+    paths: list[str] = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            node = cfg._get_node(k)
+            if _is_open(node):
+                paths.append(f"{prefix}{k}")
+            paths.extend(open_paths(node, f"{prefix}{k}."))
+    return paths
 
 
 def _check_known(schema: DictConfig, update: DictConfig, where: str, free: Iterable[str] = ()) -> None:

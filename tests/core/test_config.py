@@ -54,9 +54,9 @@ def test_open_mapping_accepts_new_keys(configs):
 
 
 def test_open_mapping_stays_open_after_a_preset_fills_it(configs):
-    (configs / "preset" / "opts.yaml").write_text("stage:\n  extra:\n    depth: 2\n")
-    cfg = compose("stage", None, "opts", ["extra.patch=2"])
-    assert cfg.extra.depth == 2 and cfg.extra.patch == 2
+    (configs / "preset" / "opts.yaml").write_text("stage:\n  extra:\n    depth: 2\n  train:\n    steps: runs/${name}\n")
+    cfg = compose("stage", None, "opts", ["extra.patch=2", "train.lr=0.1"])  # ${name} is set later: not resolved here
+    assert cfg.extra.depth == 2 and cfg.extra.patch == 2 and OmegaConf.to_yaml(cfg).count("${name}") == 1
 
 
 def test_values_are_typed(configs):

@@ -76,6 +76,7 @@ def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
     assert demo.flow.time_shift == demo.sample.shift == pytest.approx(flow.dimension_shift(768 * 4 * 4))
     # The preset's LightningDiT demo (patch 2) must not leak into its DiT^DH demo (1x1 patches only).
     assert sum(p.numel() for p in build_generator(demo.model).parameters()) < 2e6
+    assert gtrain.parse(["--latent", "rae_dino", "preset=demo", "run.dir=/x", "model.options.use_qknorm=true"])[0].run.dir == "/x"
 
 
 def test_ditdh_trains_on_a_rae_store_with_sample_grids(trained):
