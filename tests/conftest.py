@@ -11,20 +11,48 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"shared test data not found at {path}")
+    return path
+
+
 @pytest.fixture
 def imagenet_sample() -> Path:
-    path = SHARED_DATA / "imagenet-sample"
-    if not path.is_dir():
-        pytest.skip(f"shared test images not found at {path}")
-    return path
+    return shared_data("imagenet-sample")
 
 
 @pytest.fixture
 def bad_images() -> Path:
-    path = SHARED_DATA / "bad-images"
-    if not path.is_dir():
-        pytest.skip(f"shared bad images not found at {path}")
-    return path
+    return shared_data("bad-images")
+
+
+class Killed(Exception):
+    """Stands for the process dying right after it wrote a checkpoint."""
+
+
+@pytest.fixture
+def killed_after_checkpoint(monkeypatch):
+    """`killed_after_checkpoint(step, fn, *args)` runs fn(*args) and stops it with Killed right after it
+    saves the training state of `step` (RunFolder.save_training_state), as a crash there would."""
+    from core.runtime import RunFolder
+
+    def run(at: int, fn, *args, **kwargs) -> None:
+        save = RunFolder.save_training_state
+
+        def save_then_die(self, step, *a, **kw):
+            path = save(self, step, *a, **kw)
+            if step == at:
+                raise Killed
+            return path
+
+        with monkeypatch.context() as m:
+            m.setattr(RunFolder, "save_training_state", save_then_die)
+            with pytest.raises(Killed):
+                fn(*args, **kwargs)
+
+    return run
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from safetensors.torch import load_file
 from core.config import compose
 from core.images import iterate_images
 from core.log import read_jsonl
-from core.runtime import RunFolder
 from latents.extract import open_tokenizer
 from tokenizers import train as trainer
 from tokenizers.base import load_tokenizer
@@ -54,7 +53,7 @@ def test_few_steps_lower_reconstruction_loss():
     assert trained and all(n.startswith("decoder.") for n in trained) and "decoder.decoder_pos_embed" not in trained
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, killed_after_checkpoint):
     """6 steps in one go == 3 steps, a crash right after the step-3 checkpoint, then a restart.
 
     The 6 steps cross an epoch, start discriminator updates at step 2 and the GAN term at step 3, and use
@@ -64,21 +63,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
               "log.checkpoint_every=3", "log.sample_every=3"]
     whole = trainer.train("rae", tiny_cfg(tmp_path / "whole", *common))
 
-    class Killed(Exception):
-        pass
-
-    save = RunFolder.save_training_state
-
-    def save_then_die(self, step, *args, **kwargs):
-        path = save(self, step, *args, **kwargs)
-        if step == 3:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(RunFolder, "save_training_state", save_then_die)
-    with pytest.raises(Killed):
-        trainer.train("rae", tiny_cfg(tmp_path / "split", *common))
-    monkeypatch.setattr(RunFolder, "save_training_state", save)
+    killed_after_checkpoint(3, trainer.train, "rae", tiny_cfg(tmp_path / "split", *common))
     split = trainer.train("rae", tiny_cfg(tmp_path / "split", *common))
 
     ckpt = "checkpoints/step_0000006/"

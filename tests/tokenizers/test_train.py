@@ -5,7 +5,6 @@ from safetensors.torch import load_file
 from core.config import compose
 from core.images import build_source
 from core.log import read_jsonl
-from core.runtime import RunFolder
 from tokenizers import train as trainer
 from tokenizers.base import load_tokenizer
 from tokenizers.losses import reconstruction_nll
@@ -68,7 +67,7 @@ def test_step_batches_are_a_function_of_the_step():
     assert ranks[0] + ranks[1] == first[0]
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, killed_after_checkpoint):
     """6 steps in one go == 3 steps, a crash right after the step-3 checkpoint, then a restart.
 
     The 6 steps cross an epoch, switch the GAN on at step 2 and use LPIPS (random trunk) and EMA.
@@ -77,21 +76,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
               "log.sample_every=3"]
     whole = trainer.train("vavae", tiny_cfg(tmp_path / "whole", *common))
 
-    class Killed(Exception):
-        pass
-
-    save = RunFolder.save_training_state
-
-    def save_then_die(self, step, *args, **kwargs):
-        path = save(self, step, *args, **kwargs)
-        if step == 3:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(RunFolder, "save_training_state", save_then_die)
-    with pytest.raises(Killed):
-        trainer.train("vavae", tiny_cfg(tmp_path / "split", *common))
-    monkeypatch.setattr(RunFolder, "save_training_state", save)
+    killed_after_checkpoint(3, trainer.train, "vavae", tiny_cfg(tmp_path / "split", *common))
     assert not (tmp_path / "split" / "tokenizer").exists()
     split = trainer.train("vavae", tiny_cfg(tmp_path / "split", *common))
 
