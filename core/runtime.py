@@ -37,6 +37,18 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool | None = None) -> 
     )
 
 
+def derived_seed(*keys: int) -> int:
+    """A 64-bit seed for a tuple of keys such as (seed, step, rank): SeedSequence hashes the tuple, so
+    (seed, index) pairs never collide the way seed + index would."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest finished `checkpoints/step_NNNNNNN` folder of a run (one with trainer_state.json), if any."""
+    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -76,8 +88,7 @@ class RunFolder:
             self.metrics.write(**fields)
 
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "trainer_state.json").is_file())
-        return done[-1] if done else None
+        return latest_checkpoint(self.path)
 
     def save_training_state(self, step: int, ema_state: dict[str, torch.Tensor] | None, extra: dict[str, Any] | None = None,
                             keep: int = 2) -> Path:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.config import compose, split_cli
 from core.log import get_logger
-from core.runtime import RunFolder, make_accelerator, progress
+from core.runtime import latest_checkpoint, make_accelerator, progress
 from eval.npz import save_samples_npz, to_uint8
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
@@ -74,10 +74,10 @@ def finished_checkpoint(path: Path) -> Path:
     """A run's latest finished checkpoint folder, or `path` itself when it is a checkpoint folder."""
     if (path / "trainer_state.json").is_file():
         return path
-    done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
-    if not done:
+    last = latest_checkpoint(path)
+    if last is None:
         raise SystemExit(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
-    return done[-1]
+    return last
 
 
 def load_model(args: argparse.Namespace, cfg: DictConfig) -> torch.nn.Module:

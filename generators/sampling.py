@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
+from core.runtime import derived_seed
 from generators.flow import shift_time
 
 __all__ = ["DenoiseFn", "time_grid", "sample", "sample_generators", "initial_noise", "METHODS"]
@@ -33,17 +33,12 @@ def time_grid(steps: int, shift: float = 0.0) -> torch.Tensor:
     return shift_time(torch.linspace(0, 1, steps), shift)
 
 
-def _seed(seed: int, index: int, stream: int) -> int:
-    # SeedSequence hashes the tuple, so (seed, index) pairs never collide the way seed + index would.
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, dtype=np.uint64)[0])
-
-
 def sample_generators(indices: Sequence[int], seed: int, stream: int = 0) -> list[torch.Generator]:
     """One CPU generator per sample, seeded from (seed, global index, stream).
 
     ``initial_noise`` uses stream 0; pass ``stream=1`` for the SDE's per-step noise.
     """
-    return [torch.Generator().manual_seed(_seed(seed, int(i), stream)) for i in indices]
+    return [torch.Generator().manual_seed(derived_seed(seed, int(i), stream)) for i in indices]
 
 
 def _randn(generators: Sequence[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import compose, split_cli
 from core.ema import EMA
 from core.log import get_logger
-from core.runtime import RunFolder, fused_adam_kwargs, make_accelerator, progress, seed_everything
+from core.runtime import RunFolder, derived_seed, fused_adam_kwargs, make_accelerator, progress, seed_everything
 from generators import flow
 from generators.registry import build_generator
 from generators.sample import denoise_fn, load_guide
@@ -79,7 +78,7 @@ def check_against_data(model_cfg: DictConfig, shape: tuple[int, int, int], num_c
 def step_randomness(seed: int, step: int, rank: int, n: int, shape: tuple[int, ...], cfg: DictConfig,
                     drop_prob: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise, times and label drops of one step, from a generator seeded by (seed, step, rank)."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+    g = torch.Generator().manual_seed(derived_seed(seed, step, rank))
     eps = torch.randn(n, *shape, generator=g)
     t = flow.sample_t(n, cfg.time_dist, cfg.time_mu, cfg.time_sigma, cfg.time_shift, generator=g)
     drop = torch.rand(n, generator=g) < drop_prob

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.config import ConfigError, apply_overrides, named_config, parse_overrides, to_dict
 from core.images import Skipping, build_source, collate_items, default_workers
 from core.log import JsonlWriter, get_logger
-from core.runtime import make_accelerator, progress
+from core.runtime import derived_seed, make_accelerator, progress
 from latents import store as zs
 from tokenizers.base import TOKENIZERS, Tokenizer, describe, load_tokenizer, sha256_of
 
@@ -110,10 +110,6 @@ def log_path(out: str) -> Path:
     return Path(out.rstrip("/") + ".extract.jsonl")
 
 
-def row_seed(seed: int, index: int, view: int) -> int:
-    return int(np.random.SeedSequence([seed, index, view]).generate_state(1, np.uint64)[0])
-
-
 def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tensor, settings: ExtractSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of the images and of their horizontal mirrors, float32 on the CPU."""
     n = len(images)
@@ -123,7 +119,7 @@ def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tens
             mean, logvar = tokenizer.posterior(x)
             # Drawn on the CPU, one generator per (row, view), as the official code draws on the CPU RNG.
             noise = torch.stack([
-                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(row_seed(settings.seed, int(i), view)))
+                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(derived_seed(settings.seed, int(i), view)))
                 for view in (0, 1) for i in indices
             ]).to(mean.device)
             z = mean.float() + torch.exp(0.5 * logvar.float()) * noise

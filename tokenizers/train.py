@@ -36,7 +36,7 @@ from core.config import ConfigError, compose, split_cli
 from core.ema import EMA
 from core.images import build_source, collate_items, iterate_images, Skipping
 from core.log import get_logger
-from core.runtime import RunFolder, make_accelerator, progress, seed_everything
+from core.runtime import RunFolder, latest_checkpoint, make_accelerator, progress, seed_everything
 from tokenizers.base import Tokenizer
 from tokenizers.discriminators import DinoDiscriminator, NLayerDiscriminator, diff_augment
 from tokenizers.encoders import ENCODERS, build_encoder
@@ -595,10 +595,10 @@ def sample(run: RunFolder, acc: Any, tokenizer: nn.Module, ema_tokenizer: nn.Mod
 def init_weights(path: Path, model: nn.Module, disc: nn.Module) -> None:
     """Weights (trained module and discriminator, strictly) from a run folder's last checkpoint or a checkpoint folder."""
     if (path / "checkpoints").is_dir():
-        done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
-        if not done:
+        last = latest_checkpoint(path)
+        if last is None:
             raise FileNotFoundError(f"run.init_from: {path} has no finished checkpoint")
-        path = done[-1]
+        path = last
     model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=True)
     disc.load_state_dict(load_safetensors(path / "model_1.safetensors"), strict=True)
     log.info("initialised from %s", path)

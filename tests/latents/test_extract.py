@@ -14,9 +14,10 @@ import torch
 from core.config import ConfigError
 from core.images import SyntheticSource, center_crop_arr, decode, to_tensor
 from core.log import read_jsonl
+from core.runtime import derived_seed
 from latents import store as zs
 from latents.dataset import build_latent_loader, decode_latents
-from latents.extract import ExtractSettings, extract, load_data_config, log_path, main, open_tokenizer, row_seed
+from latents.extract import ExtractSettings, extract, load_data_config, log_path, main, open_tokenizer
 from tokenizers.base import Tokenizer, describe
 
 SYNTH = ["--data", "synthetic", "data.num_images=256", "data.image_size=32", "--batch-size", "8", "--shard-size", "8",
@@ -255,7 +256,7 @@ def test_posterior_samples_are_seeded_per_row_not_per_batch(tmp_path, tiny_token
     image = source[i][0].flip(-1)[None]
     with torch.no_grad():
         mean, logvar = tiny_tokenizer.posterior(image)
-    noise = torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(row_seed(5, i, 1)))
+    noise = torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(derived_seed(5, i, 1)))
     expected = (mean[0] + torch.exp(0.5 * logvar[0]) * noise).numpy()
     np.testing.assert_allclose(za[r], expected, atol=2e-3, rtol=2e-3)
 
