@@ -23,24 +23,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from core.checkpoint import load_torch_weights
 from generators.layers import (
     zero_modulation_and_output,
-    Attention,
     FinalLayer,
     LabelEmbedder,
+    LightningDiTBlock,
     PatchEmbed,
     VisionRoPE2D,
-    adaln_modulation,
-    make_ffn,
-    make_norm,
+    hidden_indices,
+    run_block,
     sincos_pos_embed_2d,
 )
-from generators.official import load_official_weights
+from generators.official import OfficialCheckpointMixin
 
 # Encoder sizes; every variant has the same head (width 2048, 2 blocks, 16 heads). S and XL are the
 # released configs, B per the maintainers (issue #75), L the standard DiT-L encoder.
@@ -77,54 +74,18 @@ class GaussianFourierEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
 
 
-class DDTBlock(nn.Module):
-    """LightningDiT block whose adaLN condition is one vector per sample [B, D] or per token [B, T, D]."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        mlp_ratio: float,
-        use_qknorm: bool,
-        use_swiglu: bool,
-        use_rmsnorm: bool,
-        wo_shift: bool,
-    ):
-        super().__init__()
-        self.norm1 = make_norm(hidden_size, use_rmsnorm)
-        self.norm2 = make_norm(hidden_size, use_rmsnorm)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
-        self.mlp = make_ffn(hidden_size, mlp_ratio, use_swiglu)
-        self.wo_shift = wo_shift
-        self.adaLN_modulation = adaln_modulation(hidden_size, 4 if wo_shift else 6)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
-        mod = self.adaLN_modulation(c if c.ndim == 3 else c[:, None])
-        if self.wo_shift:
-            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
-            shift_msa = shift_mlp = 0.0
-        else:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope=rope)
-        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
-
-
-class DDTFinalLayer(FinalLayer):
-    """FinalLayer modulated per token by the head's condition [B, T, D] (no gate)."""
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
-
-
-class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
+class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
     """Class-conditional velocity predictor on latents ``[B, in_channels, input_size, input_size]``.
 
     Keywords are the official ones (``hidden_size``, ``depth``, ``num_heads``: [encoder, head]; a
     single ``num_heads`` serves both); defaults are the released DiT^DH-XL. Only patch size 1
     exists, as in the official code. ``use_checkpoint`` (not official) recomputes blocks in the
-    backward pass. ``save_pretrained``/``from_pretrained`` come from ``PyTorchModelHubMixin``.
+    backward pass. ``save_pretrained``/``from_pretrained`` come from ``PyTorchModelHubMixin``;
+    ``from_pretrained`` and ``load_official_state_dict`` load strictly (the latter with ``t_embedder.W``
+    and the RoPE tables).
     """
+
+    official_name = "DiT^DH"
 
     def __init__(
         self,
@@ -160,7 +121,7 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         self.s_projector = nn.Linear(enc_width, head_width) if enc_width != head_width else nn.Identity()
         self.t_embedder = GaussianFourierEmbedding(enc_width)
         self.y_embedder = LabelEmbedder(num_classes, enc_width, class_dropout_prob)
-        self.final_layer = DDTFinalLayer(head_width, 1, in_channels, use_rmsnorm)
+        self.final_layer = FinalLayer(head_width, 1, in_channels, use_rmsnorm)
         # A frozen parameter, not a buffer: the official checkpoints store it as one.
         self.pos_embed = (
             nn.Parameter(torch.zeros(1, input_size**2, enc_width), requires_grad=False) if use_pos_embed else None
@@ -170,8 +131,8 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         block = dict(mlp_ratio=mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rmsnorm=use_rmsnorm,
                      wo_shift=wo_shift)
         self.blocks = nn.ModuleList(
-            [DDTBlock(enc_width, enc_heads, **block) for _ in range(depth[0])]
-            + [DDTBlock(head_width, head_heads, **block) for _ in range(depth[1])]
+            [LightningDiTBlock(enc_width, enc_heads, **block) for _ in range(depth[0])]
+            + [LightningDiTBlock(head_width, head_heads, **block) for _ in range(depth[1])]
         )
         self.initialize_weights()
 
@@ -190,11 +151,6 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero_modulation_and_output(self.blocks, self.final_layer)
 
-    def _block(self, i: int, h: torch.Tensor, c: torch.Tensor, rope: nn.Module | None) -> torch.Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self.blocks[i], h, c, rope, use_reentrant=False)
-        return self.blocks[i](h, c, rope)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -209,9 +165,7 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         tokens are returned too, in the order asked, as ``(prediction, hiddens)``.
         ``force_drop_ids``: samples whose label is replaced by the null class.
         """
-        wanted = sorted(set(return_hidden or []))
-        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self.blocks):
-            raise ValueError(f"return_hidden indices must be in [0, {len(self.blocks)}), got {return_hidden}")
+        wanted = hidden_indices(return_hidden, len(self.blocks))
         # Our t (0 = noise) -> the network's t_rae = 1 - t (0 = data); see the module docstring.
         t_emb = self.t_embedder(1 - t)
         c = F.silu(t_emb + self.y_embedder(y, force_drop_ids))
@@ -220,7 +174,7 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         if self.pos_embed is not None:
             s = s + self.pos_embed
         for i in range(self.num_encoder_blocks):
-            s = self._block(i, s, c, self.enc_feat_rope)
+            s = run_block(self.blocks[i], s, c, self.enc_feat_rope, self.use_checkpoint)
             if i in wanted:
                 hidden[i] = s
         # The head's per-token condition carries the time again; the label only through the encoder.
@@ -228,7 +182,7 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         s = self.s_projector(F.silu(t_emb[:, None] + s).contiguous())
         h = self.x_embedder(x)
         for i in range(self.num_encoder_blocks, len(self.blocks)):
-            h = self._block(i, h, s, self.dec_feat_rope)
+            h = run_block(self.blocks[i], h, s, self.dec_feat_rope, self.use_checkpoint)
             if i in wanted:
                 hidden[i] = h
         out = self.final_layer(h, s)
@@ -239,11 +193,6 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
             return out
         return out, [hidden[i] for i in return_hidden]
 
-    def load_official_state_dict(self, state: dict) -> None:
-        """Load an official checkpoint dict strictly (bare, or ``'ema'``/``'model'`` of a training
-        checkpoint, DDP/compile prefixes stripped); ``t_embedder.W`` and the RoPE tables included."""
-        load_official_weights(self, state, "DiT^DH official checkpoint")
-
     @classmethod
     def load_official(cls, path: str | Path, name: str = "XL", **overrides) -> "DiTwDDTHead":
         """Build preset ``name`` with the released options (+ overrides) and load an official
@@ -251,11 +200,6 @@ class DiTwDDTHead(nn.Module, PyTorchModelHubMixin):
         model = build_ddt(name, **overrides)
         model.load_official_state_dict(load_torch_weights(path))
         return model.eval()
-
-    @classmethod
-    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "DiTwDDTHead":
-        # PyTorchModelHubMixin loads non-strictly by default; our checkpoints must match exactly.
-        return super()._from_pretrained(strict=strict, **kwargs)
 
 
 def build_ddt(name: str, **overrides) -> DiTwDDTHead:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "RMSNorm",
@@ -27,8 +28,11 @@ __all__ = [
     "timestep_embedding",
     "LabelEmbedder",
     "PatchEmbed",
+    "LightningDiTBlock",
     "FinalLayer",
     "sincos_pos_embed_2d",
+    "hidden_indices",
+    "run_block",
 ]
 
 
@@ -134,9 +138,15 @@ class Attention(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, per sample; shift may be absent (LightningDiT's wo_shift)."""
-    x = x * (1 + scale.unsqueeze(1))
-    return x if shift is None else x + shift.unsqueeze(1)
+    """adaLN: x * (1 + scale) + shift on tokens x [B, T, D]; shift may be absent (LightningDiT's wo_shift).
+
+    shift/scale are per sample [B, D] (broadcast over the tokens) or per token [B, T, D] (DiT^DH's head).
+    """
+    if scale.ndim < x.ndim:
+        scale = scale.unsqueeze(1)
+        shift = None if shift is None else shift.unsqueeze(1)
+    x = x * (1 + scale)
+    return x if shift is None else x + shift
 
 
 def adaln_modulation(dim: int, chunks: int) -> nn.Sequential:
@@ -195,8 +205,48 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class LightningDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero; chunk order shift, scale, gate (x2).
+
+    The condition c is one vector per sample [B, D] or one per token [B, T, D] (DiT^DH's head).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        use_qknorm: bool = False,
+        use_swiglu: bool = False,
+        use_rmsnorm: bool = False,
+        wo_shift: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(hidden_size, use_rmsnorm)
+        self.norm2 = make_norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
+        self.mlp = make_ffn(hidden_size, mlp_ratio, use_swiglu)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = adaln_modulation(hidden_size, 4 if wo_shift else 6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)
+        if mod.ndim < x.ndim:  # one condition per sample: broadcast it over the tokens
+            mod = mod.unsqueeze(1)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
 class FinalLayer(nn.Module):
-    """Norm, adaLN (shift, scale) and the linear map from tokens to patch pixels."""
+    """Norm, adaLN (shift, scale; no gate) and the linear map from tokens to patch pixels.
+
+    The condition c is one vector per sample [B, D] or one per token [B, T, D] (DiT^DH's head).
+    """
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = False):
         super().__init__()
@@ -205,7 +255,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = adaln_modulation(hidden_size, 2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -233,3 +283,21 @@ def zero_modulation_and_output(blocks: nn.ModuleList, final_layer: nn.Module) ->
     for layer in [b.adaLN_modulation[-1] for b in blocks] + [final_layer.adaLN_modulation[-1], final_layer.linear]:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
+
+
+def hidden_indices(return_hidden: list[int] | None, num_blocks: int) -> set[int]:
+    """The block indices whose outputs a forward's ``return_hidden`` asks for, checked against the depth."""
+    wanted = set(return_hidden or [])
+    if wanted and not 0 <= min(wanted) <= max(wanted) < num_blocks:
+        raise ValueError(f"return_hidden indices must be in [0, {num_blocks}), got {return_hidden}")
+    return wanted
+
+
+def run_block(
+    block: nn.Module, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None, use_checkpoint: bool
+) -> torch.Tensor:
+    """block(x, c, rope), recomputed in the backward pass instead of storing activations when
+    ``use_checkpoint`` is set and gradients are on."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, x, c, rope, use_reentrant=False)
+    return block(x, c, rope)

@@ -10,26 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from core.checkpoint import load_torch_weights
 from generators.layers import (
     zero_modulation_and_output,
-    Attention,
     FinalLayer,
     LabelEmbedder,
+    LightningDiTBlock,
     PatchEmbed,
     TimestepEmbedder,
     VisionRoPE2D,
-    adaln_modulation,
-    make_ffn,
-    make_norm,
-    modulate,
+    hidden_indices,
+    run_block,
     sincos_pos_embed_2d,
 )
-from generators.official import load_official_weights
+from generators.official import OfficialCheckpointMixin
 
 # Sizes of the official registry ``LightningDiT_models``.
 PRESETS: dict[str, dict[str, int]] = {
@@ -50,44 +46,16 @@ RELEASED_OPTIONS: dict[str, object] = dict(
 )
 
 
-class LightningDiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero; chunk order shift, scale, gate (x2)."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        use_qknorm: bool = False,
-        use_swiglu: bool = False,
-        use_rmsnorm: bool = False,
-        wo_shift: bool = False,
-    ):
-        super().__init__()
-        self.norm1 = make_norm(hidden_size, use_rmsnorm)
-        self.norm2 = make_norm(hidden_size, use_rmsnorm)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
-        self.mlp = make_ffn(hidden_size, mlp_ratio, use_swiglu)
-        self.wo_shift = wo_shift
-        self.adaLN_modulation = adaln_modulation(hidden_size, 4 if wo_shift else 6)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
-        if self.wo_shift:
-            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            shift_msa = shift_mlp = None
-        else:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-class LightningDiT(nn.Module, PyTorchModelHubMixin):
+class LightningDiT(nn.Module, OfficialCheckpointMixin):
     """Class-conditional velocity predictor on latents ``[B, C, input_size, input_size]``.
 
     Constructor keywords and their defaults are the official ones; ``build_lightningdit``
     applies a size preset and the released options. ``save_pretrained``/``from_pretrained``
-    (folder with ``config.json`` + ``model.safetensors``) come from ``PyTorchModelHubMixin``.
+    (folder with ``config.json`` + ``model.safetensors``) come from ``PyTorchModelHubMixin``;
+    ``from_pretrained`` and ``load_official_state_dict`` load strictly.
     """
+
+    official_name = "LightningDiT"
 
     def __init__(
         self,
@@ -168,17 +136,12 @@ class LightningDiT(nn.Module, PyTorchModelHubMixin):
         too, in the order asked, as ``(prediction, hiddens)`` (REPA aligns these).
         ``force_drop_ids``: samples whose label is replaced by the null class.
         """
-        wanted = sorted(set(return_hidden or []))
-        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self.blocks):
-            raise ValueError(f"return_hidden indices must be in [0, {len(self.blocks)}), got {return_hidden}")
+        wanted = hidden_indices(return_hidden, len(self.blocks))
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
         hidden = {}
         for i, block in enumerate(self.blocks):
-            if self.use_checkpoint and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, self.feat_rope, use_reentrant=False)
-            else:
-                h = block(h, c, self.feat_rope)
+            h = run_block(block, h, c, self.feat_rope, self.use_checkpoint)
             if i in wanted:
                 hidden[i] = h
         out = self.unpatchify(self.final_layer(h, c))
@@ -188,25 +151,12 @@ class LightningDiT(nn.Module, PyTorchModelHubMixin):
             return out
         return out, [hidden[i] for i in return_hidden]
 
-    def load_official_state_dict(self, state: dict) -> None:
-        """Load an official checkpoint dict strictly.
-
-        Accepts a bare state dict, or a training dict (``'ema'`` is preferred, as the official
-        inference does, then ``'model'``); DDP/compile prefixes are stripped.
-        """
-        load_official_weights(self, state, "LightningDiT official checkpoint")
-
     @classmethod
     def load_official(cls, path: str | Path, name: str = "LightningDiT-XL/1", **overrides) -> "LightningDiT":
         """Build ``name`` with the released options (+ overrides) and load an official ``.pt``."""
         model = build_lightningdit(name, **overrides)
         model.load_official_state_dict(load_torch_weights(path))
         return model.eval()
-
-    @classmethod
-    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "LightningDiT":
-        # PyTorchModelHubMixin loads non-strictly by default; our checkpoints must match exactly.
-        return super()._from_pretrained(strict=strict, **kwargs)
 
 
 def build_lightningdit(name: str, **overrides) -> LightningDiT:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from core.checkpoint import check_keys
@@ -33,3 +34,26 @@ def load_official_weights(model: nn.Module, state: dict, what: str) -> None:
     state = unwrap_state_dict(state)
     check_keys(model.state_dict(), state, what)
     model.load_state_dict(state, strict=True)
+
+
+class OfficialCheckpointMixin(PyTorchModelHubMixin):
+    """Strict loading for a generator with official checkpoints, from the release (``load_official_state_dict``)
+    and from our own ``save_pretrained`` folders (``from_pretrained``, a ``PyTorchModelHubMixin`` method).
+
+    ``official_name`` names the model in the errors of a mismatching checkpoint.
+    """
+
+    official_name: str
+
+    def load_official_state_dict(self, state: dict) -> None:
+        """Load an official checkpoint dict strictly.
+
+        Accepts a bare state dict, or a training dict (``'ema'`` is preferred, as the official
+        inference does, then ``'model'``); DDP/compile prefixes are stripped.
+        """
+        load_official_weights(self, state, f"{self.official_name} official checkpoint")
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs) -> "OfficialCheckpointMixin":
+        # PyTorchModelHubMixin loads non-strictly by default; our checkpoints must match exactly.
+        return super()._from_pretrained(strict=strict, **kwargs)
