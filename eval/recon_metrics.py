@@ -6,7 +6,6 @@ run on the unclamped float outputs instead, so their last digits can differ from
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lpips
@@ -18,8 +17,7 @@ from core.checkpoint import check_keys, load_torch_weights
 from core.log import get_logger
 from eval.metrics import label_metrics, merge_metrics
 from eval.npz import check_uint8_nhwc
-
-VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+from tokenizers.losses import VGG16_FILE, lpips_lin_file, vgg16_path
 
 log = get_logger(__name__)
 
@@ -71,11 +69,6 @@ def ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, device: str
     return s.mean(dim=(1, 2, 3)).cpu().numpy()
 
 
-def vgg_trunk_file() -> Path:
-    """torchvision's VGG16 file in torch hub's cache ($TORCH_HOME/hub/checkpoints/), LPIPS's trunk."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG_URL.rsplit("/", 1)[-1]
-
-
 def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, what: str) -> None:
     """Load `state` strictly into the parameters of `module` whose names start with `prefix`."""
     own = module.state_dict()
@@ -86,18 +79,19 @@ def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: 
 class LPIPS:
     """LPIPS with VGG16 (``lpips.LPIPS(net='vgg')``, v0.1 lin layers shipped in the lpips wheel).
 
-    The trunk is torchvision's VGG16 file at ``vgg_trunk_file()``. ``random_weights=True`` uses a seeded
-    random trunk instead (with the real lin layers): ``is_real`` is then False and values are pipeline
-    tests. Both files are loaded here, strictly and without unpickling (lpips itself loads the lin layers
-    with strict=False and torchvision unpickles the trunk).
+    The trunk is torchvision's VGG16 file at ``tokenizers.losses.vgg16_path()``. ``random_weights=True``
+    uses a seeded random trunk instead (with the real lin layers): ``is_real`` is then False and values are
+    pipeline tests. Both files are loaded here, strictly and without unpickling (lpips itself loads the lin
+    layers with strict=False and torchvision unpickles the trunk).
     """
 
     def __init__(self, *, random_weights: bool = False, device: str | torch.device = "cpu") -> None:
-        trunk_file = vgg_trunk_file()
+        trunk_file = vgg16_path()
         if not random_weights and not trunk_file.is_file():
             raise FileNotFoundError(
-                f"LPIPS needs torchvision's VGG16 weights at {trunk_file} (from {VGG_URL}; set TORCH_HOME to "
-                "use another folder); random_weights=True runs a pipeline test without them"
+                f"LPIPS needs torchvision's VGG16 weights at {trunk_file} (from https://download.pytorch.org/models/"
+                f"{VGG16_FILE}; set TORCH_HOME to use another folder); random_weights=True runs a pipeline test "
+                "without them"
             )
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(0)
@@ -105,7 +99,7 @@ class LPIPS:
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             # pnet_rand=True, pretrained=False: lpips reads no file and downloads nothing; we load both below.
             net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-        lin_file = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+        lin_file = lpips_lin_file()
         lin = load_torch_weights(lin_file)
         lin |= {f"lins.{k.removeprefix('lin')}": v for k, v in lin.items()}  # `lins` lists the same lin0..lin4
         _load_part(net, lin, "lin", f"LPIPS lin layers {lin_file}")

@@ -65,11 +65,14 @@ class Tokenizer(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "Tokenizer":
+        """A saved folder; on `Tokenizer` itself, of whatever registered family it holds."""
         folder = Path(folder)
         cfg = read_config(folder)
-        family = cfg.pop("family")
+        family = cfg.pop("family", None)
         if family != cls.name and cls is not Tokenizer:
             raise ValueError(f"{folder} holds a '{family}' tokenizer, not '{cls.name}'")
+        if family not in TOKENIZERS:
+            raise ValueError(f"{folder}: unknown tokenizer family {family!r}; known: {sorted(TOKENIZERS)}")
         model = TOKENIZERS[family].from_config(cfg)
         model.load_saved_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
@@ -93,11 +96,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load any saved tokenizer folder, whatever its family."""
     import tokenizers.families  # noqa: F401  (registers every family)
 
-    folder = Path(folder)
-    family = read_config(folder).get("family")
-    if family not in TOKENIZERS:
-        raise ValueError(f"{folder}: unknown tokenizer family {family!r}; known: {sorted(TOKENIZERS)}")
-    return TOKENIZERS[family].from_pretrained(folder)
+    return Tokenizer.from_pretrained(folder)
 
 
 def sha256_of(path: str | Path) -> str:

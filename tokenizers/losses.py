@@ -86,6 +86,13 @@ def vgg16_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
+def lpips_lin_file() -> Path:
+    """LPIPS-VGG's v0.1 lin layers, shipped in the `lpips` wheel."""
+    import lpips  # imported on use: it pulls in torchvision
+
+    return Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+
+
 def build_lpips(random_trunk: bool = False) -> torch.nn.Module:
     """Frozen LPIPS-VGG (inputs in [-1, 1]) with the lin layers shipped in the `lpips` wheel.
 
@@ -105,7 +112,7 @@ def build_lpips(random_trunk: bool = False) -> torch.nn.Module:
         )
     net = lpips.LPIPS(net="vgg", pnet_rand=random_trunk, verbose=False)
     # The package loads its lin layers non-strictly; make sure they all arrived.
-    lin_file = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    lin_file = lpips_lin_file()
     lin = torch.load(lin_file, map_location="cpu", weights_only=True)
     own = {k: v for k, v in net.state_dict().items() if k[:3] == "lin" and k[3].isdigit()}  # not the `lins` aliases
     check_keys(own, lin, f"LPIPS lin layers {lin_file}")

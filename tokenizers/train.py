@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from core.checkpoint import atomic_path, load_safetensors
-from core.config import ConfigError, compose, split_cli
+from core.config import ConfigError, compose, split_cli, to_dict
 from core.ema import EMA
 from core.images import build_source, collate_items, iterate_images, Skipping
 from core.log import get_logger
@@ -141,11 +141,10 @@ class VAVAEFamily(Family):
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         tokenizer = VAVAE(**cfg.model)
-        grid = cfg.data.image_size // tokenizer.downsample
-        if grid * tokenizer.downsample != cfg.data.image_size:
+        if cfg.data.image_size % tokenizer.downsample:
             raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of the downsample {tokenizer.downsample}")
-        self.latent_shape = (tokenizer.latent_channels, grid, grid)
-        self.vf_encoder = build_vf_encoder(cfg.vf, grid)
+        self.latent_shape = tokenizer.latent_shape(cfg.data.image_size)
+        self.vf_encoder = build_vf_encoder(cfg.vf, self.latent_shape[-1])
         self.model = VAVAEModel(tokenizer, self.vf_encoder.feature_dim)
         self.model.linear_proj.requires_grad_(cfg.vf.train_proj)
         self.lpips = build_lpips(cfg.loss.lpips_random) if cfg.loss.perceptual_weight > 0 else None
@@ -296,8 +295,7 @@ class RAEFamily(Family):
     def source(cls, cfg: DictConfig) -> Any:
         """Images ADM-centre-cropped to `augment.resize_scale` x `data.image_size`; `view` crops them."""
         check_rae_config(cfg)  # the first thing a run does: bad settings stop it before the data is scanned
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-        return build_source({**data, "image_size": int(cfg.data.image_size * cfg.augment.resize_scale)})
+        return build_source({**to_dict(cfg.data), "image_size": int(cfg.data.image_size * cfg.augment.resize_scale)})
 
     def view(self, images: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         """A random `data.image_size` crop of each training image (official: Resize(384) + RandomCrop(256), no
@@ -491,7 +489,8 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     count, tick = 0, time.time()
     data = batches(source, cfg, step, acc.process_index, acc.num_processes) if step < cfg.train.steps else iter(())
     for images in data:
-        logs = train_step(acc, cfg, family, (model, raw, opt_g), (disc, raw_disc, opt_d), images.to(acc.device), step)
+        logs = train_step(acc, cfg, family, (model, raw, opt_g), (disc, raw_disc, opt_d, d_params),
+                          images.to(acc.device), step)
         step += 1
         if ema is not None:
             ema.update(family.ema_source(raw))
@@ -528,11 +527,12 @@ def train_step(acc: Any, cfg: DictConfig, family: Family, gen: tuple, dis: tuple
                step: int) -> dict[str, torch.Tensor]:
     """One generator step on the family loss, then a discriminator step on the family's fakes (LDM: the same
     reconstructions). The GAN term starts at `loss.disc_start` (before it, LDM multiplies it by 0), the
-    discriminator updates at `family.disc_update_start()`. `gen` / `dis`: (prepared module, unwrapped
-    module, optimiser). All randomness of the step (crops, noise, augmentation) comes from one generator
-    seeded by the step, drawn in a fixed order."""
+    discriminator updates at `family.disc_update_start()`. `gen`: (prepared module, unwrapped module,
+    optimiser); `dis`: the same plus the discriminator's trained parameters (built once by `train`). All
+    randomness of the step (crops, noise, augmentation) comes from one generator seeded by the step, drawn in
+    a fixed order."""
     model, raw, opt_g = gen
-    disc, raw_disc, opt_d = dis
+    disc, raw_disc, opt_d, d_params = dis
     rng = step_rng(cfg.train.seed, step, acc.process_index)
     images = family.view(images, rng)
     gan_on = step >= cfg.loss.disc_start
@@ -546,7 +546,6 @@ def train_step(acc: Any, cfg: DictConfig, family: Family, gen: tuple, dis: tuple
     disc.train(family.disc_train_in_g_step)
 
     # The discriminator is called unwrapped and frozen here: it only supplies the GAN term.
-    d_params = [p for group in opt_d.param_groups for p in group["params"]]
     for p in d_params:
         p.requires_grad_(False)
     with acc.autocast():

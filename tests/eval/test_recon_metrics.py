@@ -7,7 +7,8 @@ import torchvision
 from scipy.ndimage import gaussian_filter
 
 from eval.metrics import PIPELINE_TEST_HEADER, format_metrics
-from eval.recon_metrics import LPIPS, ReconMetrics, psnr, ssim, vgg_trunk_file
+from eval.recon_metrics import LPIPS, ReconMetrics, psnr, ssim
+from tokenizers.losses import vgg16_path
 
 
 def _images(n=3, h=32, w=24, seed=0, low=0, high=256):
@@ -96,13 +97,13 @@ def test_lpips_trunk_from_torch_hub_file(tmp_path, monkeypatch):
         LPIPS()
     # a stand-in for torchvision's file: the `features` part of a random VGG16 (the classifier is unused)
     vgg = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
-    vgg_trunk_file().parent.mkdir(parents=True)
-    torch.save(vgg, vgg_trunk_file())
+    vgg16_path().parent.mkdir(parents=True)
+    torch.save(vgg, vgg16_path())
     metric = LPIPS()
     assert metric.is_real and "vgg16-397923af.pth" in metric.label
     torch.testing.assert_close(metric.net.net.slice1[0].weight, vgg["features.0.weight"])
     torch.testing.assert_close(getattr(metric.net.net.slice5, "28").bias, vgg["features.28.bias"])
-    torch.save({k: v for k, v in vgg.items() if k != "features.28.bias"}, vgg_trunk_file())
+    torch.save({k: v for k, v in vgg.items() if k != "features.28.bias"}, vgg16_path())
     with pytest.raises(KeyError, match="features.28.bias"):
         LPIPS()
 
