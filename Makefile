@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test demo demo-rae bench clean
+.PHONY: install test demo demo-rae clean
 
 install: .venv/.installed
 

@@ -10,17 +10,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import emit  # first: puts the repository on sys.path
+from common import emit, sync  # first: puts the repository on sys.path
 import numpy as np
 import torch
 
 from eval.fid import InceptionFeatures, frechet_distance, stats
 from eval.metrics import precision_recall
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -39,10 +34,10 @@ def main() -> None:
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (args.images + args.batch_size, args.size, args.size, 3), dtype=np.uint8)
     extractor(images[: args.batch_size])  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     extractor.extract(images[args.batch_size :], args.batch_size)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     config = {"device": str(device), "batch_size": args.batch_size, "images": args.images, "size": args.size,
               "threads": torch.get_num_threads(), "weights": "real" if extractor.is_real else "random"}
@@ -52,7 +47,7 @@ def main() -> None:
         ref, smp = rng.rand(args.pr_n, 2048).astype(np.float32), rng.rand(args.pr_n, 2048).astype(np.float32)
         start = time.perf_counter()
         precision_recall(ref, smp, device=device)
-        _sync(device)
+        sync(device)
         emit("precision_recall", "time", time.perf_counter() - start, "s", {"device": str(device), "n": args.pr_n, "dim": 2048})
 
     if args.fid_dim:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import emit  # first: puts the repository on sys.path
+from common import device_label, emit, sync  # first: puts the repository on sys.path
 import torch
 
 from core.config import compose
@@ -38,16 +38,14 @@ def main() -> None:
     fn = cfg_guidance(model, y, args.cfg_scale)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         sample(fn, z, 3, args.method)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         sample(fn, z, args.steps, args.method)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
     seconds = time.perf_counter() - start
     config = {"generator": args.generator, "batch": args.batch, "steps": args.steps, "method": args.method,
               "cfg_scale": args.cfg_scale, "precision": args.precision,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
+              "device": device_label(device)}
     emit("sampling", "images_per_s", args.batch / seconds, "images/s", config)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import emit, peak_rss_mib  # first: puts the repository on sys.path
+from common import device_label, emit, peak_rss_mib, sync  # first: puts the repository on sys.path
 import torch
 
 from core.config import compose
@@ -57,19 +57,18 @@ def main() -> None:
 
     for _ in range(3):
         step()
+    sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     n_params = sum(q.numel() for q in model.parameters())
     config = {"generator": args.generator, "params_m": round(n_params / 1e6, 2), "batch": args.batch,
               "precision": precision, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
+              "device": device_label(device)}
     emit("train_step", "images_per_s", args.batch * args.steps / seconds, "images/s", config)
     emit("train_step", "step_time", seconds / args.steps, "s", config)
     if device.type == "cuda":

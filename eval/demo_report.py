@@ -22,7 +22,7 @@ from torch import nn
 
 from core.images import SyntheticSource
 from core.log import get_logger, read_jsonl
-from eval.npz import to_uint8
+from eval.recon import reconstruct
 from eval.recon_metrics import psnr
 from tokenizers.base import load_tokenizer
 
@@ -91,12 +91,11 @@ def svg_curve(records: list[dict], key: str, title: str, width: int = 420, heigh
             f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/></svg>')
 
 
-@torch.no_grad()
-def reconstruction(tokenizer_dir: Path, data: SyntheticSource, n: int) -> tuple[float, np.ndarray]:
+def reconstruction(tokenizer_dir: Path, images: torch.Tensor) -> tuple[float, np.ndarray]:
+    """(mean PSNR, grid of 8 originals over their reconstructions) of float images in [-1, 1]."""
     tok = load_tokenizer(tokenizer_dir)
-    x = torch.stack([data[i][0] for i in range(n)])
-    rec = torch.cat([tok.decode(tok.encode(chunk)) for chunk in x.split(50)])
-    orig, out = to_uint8(x), to_uint8(rec.clamp(-1, 1))
+    chunks = [reconstruct(tok, chunk, "cpu") for chunk in images.split(50)]
+    orig, out = (np.concatenate(parts) for parts in zip(*chunks))
     grid = np.concatenate([np.concatenate(list(orig[:8]), 1), np.concatenate(list(out[:8]), 1)], 0)
     return float(np.mean(psnr(orig, out))), grid
 
@@ -115,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     # Held-out data: a seed the tokenizer and generator never saw.
     held_out = SyntheticSource(500, args.image_size, args.num_classes, seed=1001)
     clf = train_classifier(SyntheticSource(2000, args.image_size, args.num_classes, seed=1000))
-    clf_acc = accuracy(clf, torch.stack([held_out[i][0] for i in range(len(held_out))]), held_out.labels)
-    rec_psnr, rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out, len(held_out))
+    held_out_images = torch.stack([held_out[i][0] for i in range(len(held_out))])
+    clf_acc = accuracy(clf, held_out_images, held_out.labels)
+    rec_psnr, rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out_images)
     metrics = {"recon_psnr_db": rec_psnr, "classifier_accuracy_on_real": clf_acc, "chance": 1 / args.num_classes}
     grids = {}
     for name, path in (("guided", args.guided), ("unguided", args.unguided)):

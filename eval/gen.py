@@ -47,11 +47,14 @@ def open_reference(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | Imag
     return stored, stored.pop("arr_0", None)
 
 
-def fingerprint(path: Path) -> dict[str, Any]:
-    """Enough about an input file or folder to notice that it changed since its features were cached."""
+def fingerprint(path: Path, opened: np.ndarray | ImageFiles | None) -> dict[str, Any]:
+    """Enough about an input file or folder to notice that it changed since its features were cached.
+
+    ``opened`` is what open_samples/open_reference made of ``path``: a folder's listing is taken from it.
+    """
     path = path.resolve()
-    if path.is_dir():
-        files = ImageFiles(path).files
+    if isinstance(opened, ImageFiles):
+        files = opened.files
         return {"path": str(path), "files": len(files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}
     st = path.stat()
     return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -88,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or Path("runs/eval") / f"gen_{args.samples.stem}_{args.ref.stem}"
     setup = prepare_out_dir(out, {
         "command": "eval.gen",
-        "samples": fingerprint(args.samples),
-        "reference": fingerprint(args.ref),
+        "samples": fingerprint(args.samples, samples),
+        "reference": fingerprint(args.ref, ref_images),
         "reference_statistics": "stored" if stored else "computed from its images",
         "inception": extractor.label,
         "chunk_size": CHUNK,

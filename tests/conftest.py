@@ -18,12 +18,12 @@ def shared_data(name: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     return shared_data("imagenet-sample")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def bad_images() -> Path:
     return shared_data("bad-images")
 

@@ -1,5 +1,14 @@
 """Stand-ins shared by the eval CLI tests (test_gen_cli.py, test_recon_cli.py)."""
 
+NETWORKS = {}
+
+
+def once(key, build):
+    """Each network is built once per session: construction takes seconds here."""
+    if key not in NETWORKS:
+        NETWORKS[key] = build()
+    return NETWORKS[key]
+
 
 class FrechetRecorder:
     """Replaces frechet_distance: records the statistics it is given and returns a fixed value."""

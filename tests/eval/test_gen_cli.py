@@ -1,8 +1,8 @@
 """`python -m eval.gen` end to end on CPU with random Inception weights, on 6 small samples and references.
 
 scipy's sqrtm of a 2048² matrix takes 12-80 s on a 2-core CPU, so the Fréchet distance is replaced by
-a recorder here (it is tested in test_fid.py), and each Inception network is built once per module (seconds
-each); everything else is the real computation.
+a recorder here (it is tested in test_fid.py), and each Inception network is built once per session (seconds
+each, cli_fakes.once); everything else is the real computation.
 """
 import contextlib
 import io
@@ -20,10 +20,9 @@ from eval.metrics import PIPELINE_TEST_HEADER
 from eval.npz import save_samples_npz
 from eval.report import open_inception
 
-from cli_fakes import FrechetRecorder
+from cli_fakes import FrechetRecorder, once
 
 NUM = 6
-NETWORKS = {}
 
 
 def images(seed, size=32):
@@ -33,17 +32,11 @@ def images(seed, size=32):
     return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR)) for c in coarse])
 
 
-def open_inception_once(args):
-    key = (args.inception_weights, args.random_weights)
-    if key not in NETWORKS:
-        NETWORKS[key] = open_inception(args)
-    return NETWORKS[key]
-
-
 def run(argv, monkeypatch):
     frechet = FrechetRecorder(7.25)
     monkeypatch.setattr(eval.metrics, "frechet_distance", frechet)
-    monkeypatch.setattr(gen, "open_inception", open_inception_once)
+    monkeypatch.setattr(gen, "open_inception", lambda args: once(
+        ("inception", args.inception_weights, args.random_weights), lambda: open_inception(args)))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         metrics = gen.main(argv + ["--device", "cpu", "--batch-size", "4"])

@@ -1,8 +1,8 @@
 """`python -m eval.recon` end to end on CPU: a tiny random VA-VAE, 6 shared ImageNet images at 32 px, random weights.
 
 scipy's sqrtm of a 2048² matrix takes 12-80 s on a 2-core CPU, so the Fréchet distance is replaced by
-a recorder here (it is tested in test_fid.py), and the Inception and LPIPS networks are built once per module
-(seconds each); everything else is the real computation.
+a recorder here (it is tested in test_fid.py), and the Inception and LPIPS networks are built once per session
+(seconds each, cli_fakes.once); everything else is the real computation.
 """
 import contextlib
 import io
@@ -24,10 +24,9 @@ from eval.report import open_inception
 from tokenizers.base import load_tokenizer
 from tokenizers.vavae import VAVAE
 
-from cli_fakes import FrechetRecorder
+from cli_fakes import NETWORKS, FrechetRecorder, once
 
 NUM, SIZE = 6, 32
-NETWORKS = {}
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +41,6 @@ def recon_args(tokenizer_dir, root, out, *extra):
     return ["--tokenizer", str(tokenizer_dir), "--data", "imagenet_sample", f"data.root={root}",
             f"data.image_size={SIZE}", "--num", str(NUM), "--batch-size", "4", "--workers", "0", "--device", "cpu",
             "--out", str(out), *extra]
-
-
-def once(key, build):
-    """Each network is built once per module: construction takes seconds here."""
-    if key not in NETWORKS:
-        NETWORKS[key] = build()
-    return NETWORKS[key]
 
 
 def run(argv, monkeypatch):
@@ -67,14 +59,11 @@ def run(argv, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def first_run(tokenizer_dir, tmp_path_factory):
-    root = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
-    if not root.is_dir():
-        pytest.skip(f"shared test images not found at {root}")
+def first_run(tokenizer_dir, tmp_path_factory, imagenet_sample):
     out = tmp_path_factory.mktemp("recon") / "out"
     with pytest.MonkeyPatch.context() as mp:
-        metrics, printed, frechet = run(recon_args(tokenizer_dir, root, out, "--random-weights"), mp)
-    return root, out, metrics, printed, frechet
+        metrics, printed, frechet = run(recon_args(tokenizer_dir, imagenet_sample, out, "--random-weights"), mp)
+    return imagenet_sample, out, metrics, printed, frechet
 
 
 def test_outputs_are_labelled_pipeline_tests(first_run):

@@ -52,12 +52,9 @@ def done_count(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def sample_store(tmp_path_factory, tiny_tokenizer):
-    root = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
-    if not root.is_dir():
-        pytest.skip(f"shared test images not found at {root}")
+def sample_store(tmp_path_factory, tiny_tokenizer, imagenet_sample):
     tok = tiny_tokenizer
-    cfg = load_data_config("imagenet_sample", [f"data.root={root}", "data.image_size=64"])
+    cfg = load_data_config("imagenet_sample", [f"data.root={imagenet_sample}", "data.image_size=64"])
     from core.images import build_source
 
     source = build_source(cfg)
