@@ -1,9 +1,8 @@
 """Config composition: base <- family <- preset <- `key=value` overrides (DESIGN §4).
 
 Every key a preset or override sets must already exist in base or family; an unknown key
-stops the command before any work with a message naming the nearest valid key. A key whose
-value is a mapping and that names a config group (``data=imagenet``, ``encoder=dinov2_b``)
-is replaced by the group file ``configs/<group path>/<name>.yaml`` before other overrides.
+stops the command before any work with a message naming the nearest valid key. `data=<name>`
+replaces the `data` mapping by the group file ``configs/data/<name>.yaml`` before other overrides.
 """
 from __future__ import annotations
 
@@ -103,14 +102,11 @@ def compose(
     family: str | None = None,
     preset: str | None = None,
     overrides: Iterable[str] = (),
-    groups: dict[str, str] | None = None,
 ) -> DictConfig:
     """Compose the config of one command.
 
     stage: folder under configs/ holding ``base.yaml`` and the family files.
-    groups: maps a top-level key to the configs/ sub-folder whose files may replace it.
     """
-    groups = {"data": "data", **(groups or {})}
     cfg = load_yaml(CONFIG_DIR / stage / "base.yaml")
     if family is not None:
         # A family file may add its own keys (its model's options); later layers may not.
@@ -121,8 +117,8 @@ def compose(
     # Group selection first, so `data=imagenet data.root=/x` works in either order.
     rest = []
     for key, value in pairs:
-        if key in groups and isinstance(value, str) and isinstance(cfg.get(key), DictConfig):
-            cfg[key] = named_config(groups[key], value)
+        if key == "data" and isinstance(value, str) and isinstance(cfg.get(key), DictConfig):
+            cfg[key] = named_config("data", value)
         else:
             rest.append((key, value))
 

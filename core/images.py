@@ -74,11 +74,11 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
 class ImageFolderSource(torch.utils.data.Dataset):
     """ImageNet layout `root/<wnid>/*.JPEG`; labels are indices of the sorted class folders."""
 
-    def __init__(self, root: str | Path, image_size: int, classes: list[str] | None = None) -> None:
+    def __init__(self, root: str | Path, image_size: int) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.classes = classes or sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.classes:
             raise ValueError(f"{self.root} has no class folders (expected root/<class>/<image files>)")
         self.image_size = image_size

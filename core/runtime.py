@@ -24,9 +24,9 @@ from core.log import JsonlWriter, get_logger
 log = get_logger("runtime")
 
 
-def make_accelerator(mixed_precision: str = "auto", cpu: bool | None = None) -> Accelerator:
-    """bf16 autocast on GPU, fp32 on CPU ("auto"); `cpu=True` is what makes torchrun give gloo DDP on CPU."""
-    use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """bf16 autocast on GPU, fp32 on CPU ("auto"); without CUDA, `cpu=True` is what makes torchrun give gloo DDP."""
+    use_cpu = not torch.cuda.is_available()
     precision = ("no" if use_cpu else "bf16") if mixed_precision == "auto" else mixed_precision
     if use_cpu and precision == "bf16":
         log.info("bf16 autocast on CPU is slow; running fp32")
@@ -90,8 +90,7 @@ class RunFolder:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
 
-    def save_training_state(self, step: int, ema_state: dict[str, torch.Tensor] | None, extra: dict[str, Any] | None = None,
-                            keep: int = 2) -> Path:
+    def save_training_state(self, step: int, ema_state: dict[str, torch.Tensor] | None, keep: int = 2) -> Path:
         """All ranks call this. Writes to a temporary folder, then the main process renames it."""
         final = self.ckpt_dir / f"step_{step:07d}"
         tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
@@ -102,7 +101,7 @@ class RunFolder:
         if self.acc.is_main_process:
             if ema_state is not None:
                 save_safetensors(ema_state, tmp / "ema.safetensors")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if keep > 0:  # the newest `keep` checkpoints stay, this one included

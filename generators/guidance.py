@@ -79,16 +79,15 @@ def cfg(
     scale: float,
     interval: tuple[float, float] = (0.0, 1.0),
     channels: Sequence[int] | None = None,
-    null_class: int | None = None,
 ) -> DenoiseFn:
     """Classifier-free guidance for ``model(x, t, y)``: one forward on [cond ; uncond].
 
-    The unconditional half uses ``null_class`` (default ``model.num_classes``). The model
-    must be in eval mode, or its label dropout would corrupt the conditional half.
+    The unconditional half uses the null class ``model.num_classes``. The model must be in
+    eval mode, or its label dropout would corrupt the conditional half.
     """
     if model.training:
         raise ValueError("cfg needs the model in eval mode (label dropout is active in training mode)")
-    null = torch.full_like(y, model.num_classes if null_class is None else null_class)
+    null = torch.full_like(y, model.num_classes)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         active = _in_interval(t, interval)

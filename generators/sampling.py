@@ -75,21 +75,21 @@ def _heun(fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def _euler_maruyama(
-    fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor, generators: Sequence[torch.Generator] | None, norm: float
+    fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor, generators: Sequence[torch.Generator] | None
 ) -> torch.Tensor:
-    """SiT's reverse SDE with diffusion coefficient w(t) = norm * (1 - t) (SiT's ``"sigma"`` form).
+    """SiT's reverse SDE with diffusion coefficient w(t) = 1 - t (SiT's ``"sigma"`` form, norm 1).
 
     dx = [v + w * score] dt + sqrt(2 w) dW, with the score of the linear path
-    score = (t v - x) / (1 - t); so w * score = norm * (t v - x), finite at t = 1. The last
+    score = (t v - x) / (1 - t); so w * score = t v - x, finite at t = 1. The last
     interval takes the mean (no noise), as SiT's ``last_step="Mean"`` does.
     """
     n = len(grid) - 1
     for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t1 - t0
         v = fn(x, t0.expand(x.shape[0]))
-        x = x + dt * (v + norm * (t0 * v - x))
+        x = x + dt * (v + (t0 * v - x))
         if i < n - 1:
-            w = norm * (1 - t0)
+            w = 1 - t0
             noise = torch.randn_like(x) if generators is None else _randn(generators, x.shape[1:], x.device)
             x = x + torch.sqrt(2 * w * dt) * noise.to(x.dtype)
     return x
@@ -103,14 +103,13 @@ def sample(
     method: str = "euler",
     shift: float = 0.0,
     generators: Sequence[torch.Generator] | None = None,
-    diffusion_norm: float = 1.0,
 ) -> torch.Tensor:
     """Integrate from noise z (t = 0) to t = 1 on ``time_grid(steps, shift)``.
 
     ``method``: ``euler`` (steps - 1 evaluations, the official sampler), ``heun``
     (2 (steps - 1) - 1 evaluations), or ``euler_maruyama`` (SDE, steps - 1 evaluations;
     its noise comes from ``generators``, one per sample, e.g. ``sample_generators(indices,
-    seed, stream=1)``, or from the global RNG when None; ``diffusion_norm`` scales w(t)).
+    seed, stream=1)``, or from the global RNG when None).
     """
     grid = time_grid(steps, shift).to(z.device)
     if method == "euler":
@@ -120,5 +119,5 @@ def sample(
     if method == "euler_maruyama":
         if generators is not None and len(generators) != z.shape[0]:
             raise ValueError(f"{len(generators)} generators for a batch of {z.shape[0]}")
-        return _euler_maruyama(denoise_fn, z, grid, generators, diffusion_norm)
+        return _euler_maruyama(denoise_fn, z, grid, generators)
     raise ValueError(f"unknown sampling method {method!r}; choose from {METHODS}")
