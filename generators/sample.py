@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
-from core.config import compose, split_cli
+from core.config import ConfigError, apply_overrides, compose, parse_overrides, split_cli
 from core.log import get_logger
 from core.runtime import latest_checkpoint, make_accelerator, progress
 from eval.npz import save_samples_npz, to_uint8
@@ -30,7 +31,7 @@ from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
 from generators.registry import build_generator
 from generators.sampling import DenoiseFn, initial_noise, sample, sample_generators
-from latents.dataset import decode_latents, load_latent_config
+from latents.dataset import latent_decoder, load_latent_config
 
 log = get_logger("generators.sample")
 CHUNK = 500
@@ -50,11 +51,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     args = p.parse_args(positional)
     if args.run:
         cfg = OmegaConf.load(Path(args.run) / "config.yaml")
-        for item in overrides:
-            key, value = item.split("=", 1)
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-                raise SystemExit(f"unknown config key '{key}' for sampling")
-            OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}").v)
+        try:
+            apply_overrides(cfg, parse_overrides(overrides), "the sampling command line")
+        except ConfigError as e:
+            raise SystemExit(str(e)) from e
     elif args.official:
         if not args.latent:
             raise SystemExit("--official needs --latent <name>")
@@ -136,25 +136,29 @@ def labels_for(num: int, num_classes: int, how: str, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_chunk(model, cfg: DictConfig, latent_cfg: DictConfig, indices: np.ndarray, labels: np.ndarray,
-                 batch_size: int, device: torch.device, guide: torch.nn.Module | None = None) -> np.ndarray:
-    s = cfg.sample
+def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], shape: tuple[int, ...], s: DictConfig,
+                   device: torch.device, guide: torch.nn.Module | None = None) -> torch.Tensor:
+    """Latents of the samples `indices` (their noise is seeded per index) with labels `y`, by the settings `s`."""
+    z = initial_noise(indices, shape, s.seed, device)
+    gens = sample_generators(indices, s.seed, stream=1)  # the SDE's per-step noise, per sample
+    return sample(denoise_fn(model, y, s, guide), z, s.steps, s.method, s.shift, generators=gens)
+
+
+def sample_chunk(model, cfg: DictConfig, decode: Callable[[torch.Tensor], torch.Tensor], indices: np.ndarray,
+                 labels: np.ndarray, batch_size: int, device: torch.device,
+                 guide: torch.nn.Module | None = None) -> np.ndarray:
+    """uint8 images of the samples `indices`; `decode` from latents.dataset.latent_decoder."""
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     out = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
         y = torch.as_tensor(labels[idx], device=device)
-        z = initial_noise(idx.tolist(), shape, s.seed, device)
-        fn = denoise_fn(model, y, s, guide)
-        gens = sample_generators(idx.tolist(), s.seed, stream=1)  # the SDE's per-step noise, per sample
-        x = sample(fn, z, s.steps, s.method, s.shift, generators=gens)
-        out.append(to_uint8(decode_latents(latent_cfg, x).float().cpu()))
+        out.append(to_uint8(decode(sample_latents(model, y, idx.tolist(), shape, cfg.sample, device, guide))))
     return np.concatenate(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
-    latent_cfg = load_latent_config(cfg.latent, cfg.get("preset"))
     acc = make_accelerator("no")
     out = Path(args.out)
     parts = out.with_name(out.stem + ".parts")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args, cfg).to(acc.device)
     guide = load_guide(cfg)
     guide = guide.to(acc.device) if guide is not None else None
+    decode = latent_decoder(load_latent_config(cfg.latent, cfg.get("preset")))
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
     starts = list(range(0, args.num, CHUNK))
     mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         part = parts / f"{start:08d}.npz"
         if part.is_file():
             continue
-        images = sample_chunk(model, cfg, latent_cfg, np.arange(start, min(start + CHUNK, args.num)), labels,
+        images = sample_chunk(model, cfg, decode, np.arange(start, min(start + CHUNK, args.num)), labels,
                               args.batch_size, acc.device, guide)
         with atomic_path(part) as tmp:
             with open(tmp, "wb") as f:

@@ -25,8 +25,7 @@ from core.log import get_logger
 from core.runtime import RunFolder, derived_seed, fused_adam_kwargs, make_accelerator, progress, seed_everything
 from generators import flow
 from generators.registry import build_generator
-from generators.sample import denoise_fn, load_guide
-from generators.sampling import initial_noise, sample, sample_generators
+from generators.sample import load_guide, sample_latents
 from latents.dataset import build_latent_loader, decode_latents, latent_info, load_latent_config
 
 log = get_logger("generators.train")
@@ -96,10 +95,7 @@ def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tu
     s = cfg.sample
     classes = [c for c in s.grid_classes if c < cfg.model.num_classes] or list(range(min(8, cfg.model.num_classes)))
     y = torch.tensor([c for c in classes for _ in range(s.grid_per_class)], device=device)
-    z = initial_noise(range(len(y)), shape, s.seed, device)
-    fn = denoise_fn(model, y, s, guide)
-    x = sample(fn, z, s.steps, s.method, s.shift, generators=sample_generators(range(len(y)), s.seed, stream=1))
-    return decode_latents(latents, x)
+    return decode_latents(latents, sample_latents(model, y, list(range(len(y))), shape, s, device, guide))
 
 
 def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
@@ -111,7 +107,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
     info = latent_info(latent_cfg)  # metadata only: a mismatch stops before any latent is read
     check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
-    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device)
+    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device, info=info)
 
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
@@ -162,7 +158,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            fields = {k: acc.reduce(v.detach(), "mean").item() for k, v in losses.items()}
+            fields = {k: loss_value if k == "loss" else acc.reduce(v.detach(), "mean").item() for k, v in losses.items()}
             if grad_norm is not None:
                 fields["grad_norm"] = float(grad_norm)
             run.log(step=step, **fields)

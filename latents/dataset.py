@@ -33,6 +33,7 @@ follows the same rule over the images of its data source.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import hashlib
@@ -40,7 +41,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -125,8 +126,16 @@ class Normalizer:
         self.shift = -self.mean * self.scale if self.mean is not None else None
 
     @classmethod
-    def from_stats(cls, stats: Stats | None, multiplier: float = 1.0) -> "Normalizer":
-        return cls(None, None, multiplier) if stats is None else cls(stats.mean, stats.std, multiplier)
+    def from_stats(cls, stats: Stats, multiplier: float = 1.0) -> "Normalizer":
+        return cls(stats.mean, stats.std, multiplier)
+
+    def to(self, device: torch.device | str) -> "Normalizer":
+        """This normalisation with its tensors on `device`: batches there then need no copy per step."""
+        moved = copy.copy(self)
+        for name in ("mean", "std", "scale", "shift"):
+            t = getattr(self, name)
+            setattr(moved, name, None if t is None else t.to(device))
+        return moved
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """float32 result; float16 input is converted in the same pass (the loader's hot path)."""
@@ -249,8 +258,7 @@ class BatchLoader:
                  start_step: int, config: DictConfig | None) -> None:
         self.schedule = BatchSchedule(num_rows, batch_size, seed, rank, world_size)
         self.num_rows, self.normalizer, self.config = num_rows, normalizer, config  # config: for decode_latents
-        self.batch_size, self.local_batch_size = batch_size, self.schedule.local_batch_size
-        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, start_step
+        self.batch_size, self.seed, self.step = batch_size, seed, start_step
 
     @property
     def steps_per_epoch(self) -> int:
@@ -346,13 +354,15 @@ def fill_cache(stores: list[LatentStore], cache: np.ndarray, labels: np.ndarray)
 
 
 def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: int, seed: int = 0, rank: int = 0,
-                        world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None) -> BatchLoader:
+                        world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None,
+                        info: LatentInfo | None = None) -> BatchLoader:
     """The training loader of a latent config; `batch_size` is global (split over `world_size` ranks).
 
     `device`: where an online source encodes (and returns) its latents; store batches stay on the CPU.
+    `info`: the config's `latent_info`, when the caller has it already (it opens stores and statistics).
     """
     cfg = load_latent_config(latent_cfg)
-    info = latent_info(cfg)
+    info = info or latent_info(cfg)
     normalizer = normalizer_for(cfg, info.stores)
     if cfg.online is not None:
         from latents.online import OnlineLoader
@@ -363,10 +373,11 @@ def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: 
 
 @functools.lru_cache(maxsize=2)
 def cached_tokenizer(spec: str) -> tuple[Any, dict[str, Any]]:
-    """`latents.extract.open_tokenizer(spec)`, loaded once per process (decoding and online encoding share it)."""
+    """`latents.extract.open_tokenizer(spec)`, loaded once per process (decoding and online encoding share it).
+    Only the name and config of its provenance are compared with stores, so the weights are not hashed."""
     from latents.extract import open_tokenizer
 
-    return open_tokenizer(spec)
+    return open_tokenizer(spec, checksum=False)
 
 
 def check_made_by(tok_info: Mapping[str, Any], spec: str, store: LatentStore) -> None:
@@ -376,11 +387,12 @@ def check_made_by(tok_info: Mapping[str, Any], spec: str, store: LatentStore) ->
                          f"({made_by.get('name')} with config {made_by.get('config')})")
 
 
-def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (as the loader gives and a generator samples) -> images in [-1, 1].
+def latent_decoder(source: BatchLoader | str | Path | Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from normalised latents (as the loader gives and a generator samples) to images in [-1, 1].
 
-    `source` is a loader from `build_latent_loader` or a latent config; the tokenizer it names is
-    loaded once, checked against the one that made the stores, and run on the latents' device.
+    `source` is a loader from `build_latent_loader` or a latent config. The setup happens here, once: the
+    tokenizer it names is loaded and checked against the one that made the stores, the statistics are
+    read. The function runs the tokenizer on the latents' device.
     """
     if isinstance(source, BatchLoader):
         if source.config is None:
@@ -393,6 +405,15 @@ def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents
     tok, tok_info = cached_tokenizer(str(cfg.tokenizer))
     if stores:
         check_made_by(tok_info, cfg.tokenizer, stores[0])
-    tok.to(latents.device)
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        tok.to(latents.device)
         return tok.decode(normalizer.denormalize(latents))
+
+    return decode
+
+
+def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
+    """`latent_decoder(source)(latents)`: for one batch; build the decoder once for many."""
+    return latent_decoder(source)(latents)

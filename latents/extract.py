@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from core.config import ConfigError, apply_overrides, named_config, parse_overrides, to_dict
 from core.images import Skipping, build_source, collate_items, default_workers
@@ -73,15 +73,16 @@ class ExtractSettings:
     autocast: bool = False  # bf16 autocast while encoding
 
 
-def open_tokenizer(spec: str) -> tuple[Tokenizer, dict[str, Any]]:
+def open_tokenizer(spec: str, checksum: bool = True) -> tuple[Tokenizer, dict[str, Any]]:
     """A saved tokenizer folder, or `family:path[,key=value...]` of an official release (the options go
     to the family's `load_official`, e.g. `rae:<decoder model.pt>,encoder=siglip2_b`); returns it and
-    its provenance."""
+    its provenance. `checksum`: include the weights' sha256, a full read of the file that only a new
+    store's provenance needs."""
     import tokenizers.families  # noqa: F401  (registers every family)
 
     if Path(spec).is_dir():
         tok = load_tokenizer(spec)
-        return tok.eval(), describe(tok, spec)
+        return tok.eval(), describe(tok, spec if checksum else None)
     family, sep, rest = spec.partition(":")
     if not sep or family not in TOKENIZERS:
         raise ValueError(
@@ -90,7 +91,7 @@ def open_tokenizer(spec: str) -> tuple[Tokenizer, dict[str, Any]]:
     path, *options = rest.split(",")
     tok = TOKENIZERS[family].load_official(path, **dict(parse_overrides(options)))
     info = describe(tok)
-    if Path(path).is_file():
+    if checksum and Path(path).is_file():
         info["checkpoint_sha256"] = sha256_of(path)
     return tok.eval(), info
 

@@ -19,11 +19,10 @@ import itertools
 import json
 from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from core.config import named_config
+from core.config import named_config, to_dict
 from core.images import Skipping, build_source
 from core.log import get_logger
 from latents.dataset import BatchLoader, BatchSchedule, Normalizer, cached_tokenizer
@@ -36,7 +35,7 @@ def data_config(cfg: DictConfig) -> dict[str, Any]:
     """`online.data`: a data config name (configs/data), a YAML path, or the config itself."""
     data = cfg.online.data
     node = named_config("data", data) if isinstance(data, str) else data
-    return OmegaConf.to_container(node, resolve=True)
+    return to_dict(node)
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,10 +89,10 @@ class OnlineLoader(BatchLoader):
                  world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None,
                  stores: tuple[LatentStore, ...] = ()) -> None:
         source, size = open_source(cfg)
-        super().__init__(len(source), normalizer, batch_size, seed, rank, world_size, start_step, cfg)
+        self.device = torch.device(device or "cpu")
+        super().__init__(len(source), normalizer.to(self.device), batch_size, seed, rank, world_size, start_step, cfg)
         self.stores = list(stores)  # the statistics' source, if any (decode_latents checks the tokenizer against it)
         self.tokenizer, _ = cached_tokenizer(str(cfg.tokenizer))
-        self.device = torch.device(device or "cpu")
         self.tokenizer.to(self.device).eval()
         self.latent_shape, self.num_classes = tuple(self.tokenizer.latent_shape(size)), int(source.num_classes)
         self.images = StepImages(source, self.schedule)

@@ -295,10 +295,10 @@ def combined_stats(stores: list[LatentStore]) -> Stats:
 
     For one store this is exactly that store's statistics.
     """
-    first = stores[0].stats
+    all_stats = [store.stats for store in stores]  # each read is several Zarr arrays
+    first = all_stats[0]
     total, total_sq, count = np.zeros_like(first.sum), np.zeros_like(first.sumsq), 0
-    for store in stores:
-        s = store.stats
+    for store, s in zip(stores, all_stats):
         if s.kind != first.kind or (s.mean is None) != (first.mean is None) or s.sum.shape != first.sum.shape:
             raise ValueError(f"cannot combine statistics of {stores[0].url} and {store.url}: different kind, shape or centring")
         total += s.sum
