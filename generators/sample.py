@@ -58,16 +58,24 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     elif args.official:
         if not args.latent:
             raise SystemExit("--official needs --latent <name>")
-        generator = next((o.split("=", 1)[1] for o in overrides if o.startswith("generator=")),
-                         load_latent_config(args.latent, preset).generator)
-        cfg = compose("generator", generator, preset, [o for o in overrides if not o.startswith("generator=")])
-        OmegaConf.set_struct(cfg, False)
-        cfg.latent, cfg.preset = args.latent, preset
+        cfg = generator_config(args.latent, preset, overrides)
     else:
         raise SystemExit("give --run <run folder> or --official <file>")
     if args.latent:
         cfg.latent = args.latent
     return args, cfg
+
+
+def generator_config(latent: str, preset: str | None, overrides: list[str]) -> DictConfig:
+    """The generator config of a latent config: `generator=NAME` among the overrides picks
+    configs/generator/NAME.yaml, else the latent config's `generator`. Records latent, preset and
+    generator, from which a sampling command rebuilds the latent config."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("generator=")]
+    generator = chosen[-1] if chosen else load_latent_config(latent, preset).generator
+    cfg = compose("generator", generator, preset, [o for o in overrides if not o.startswith("generator=")])
+    OmegaConf.set_struct(cfg, False)
+    cfg.latent, cfg.preset, cfg.generator = latent, preset, generator
+    return cfg
 
 
 def finished_checkpoint(path: Path) -> Path:

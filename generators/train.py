@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import compose, split_cli
+from core.config import split_cli
 from core.ema import EMA
 from core.log import get_logger
 from core.runtime import RunFolder, derived_seed, fused_adam_kwargs, make_accelerator, progress, seed_everything
 from generators import flow
 from generators.registry import build_generator
-from generators.sample import load_guide, sample_latents
+from generators.sample import generator_config, load_guide, sample_latents
 from latents.dataset import build_latent_loader, decode_latents, latent_info, load_latent_config
 
 log = get_logger("generators.train")
@@ -47,15 +47,9 @@ def parse(argv: list[str]) -> tuple[DictConfig, DictConfig]:
     positional, preset, overrides = split_cli(argv)
     args = parser.parse_args(positional)
     latent_cfg = load_latent_config(args.latent, preset)  # the preset's section latent.<name>, if any
-    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("generator=")]
-    generator = chosen[-1] if chosen else latent_cfg.generator
-    overrides = [o for o in overrides if not o.startswith("generator=")]
-    cfg = compose("generator", generator, preset, overrides)
-    OmegaConf.set_struct(cfg, False)
-    cfg.latent, cfg.preset = args.latent, preset  # generators.sample rebuilds the latent config from both
-    cfg.generator = generator
+    cfg = generator_config(args.latent, preset, overrides)
     if cfg.run.dir is None:
-        cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{generator}"
+        cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{cfg.generator}"
     OmegaConf.resolve(cfg)  # a preset may write run.dir with ${latent}
     return cfg, latent_cfg
 
