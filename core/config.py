@@ -12,11 +12,13 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from core.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A config file, group name, key or value that does not exist or does not fit."""
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -36,7 +38,10 @@ def named_config(group: str, name: str) -> DictConfig:
     path = CONFIG_DIR / group / f"{name}.yaml"
     if not path.is_file():
         choices = available(group)
-        raise ConfigError(f"no {group} config named {name!r}; available: {', '.join(choices) or 'none'}")
+        close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"no {group} config named {name!r} ({CONFIG_DIR / group}); {hint}available: "
+                          f"{', '.join(choices) or 'none'}")
     return load_yaml(path)
 
 
@@ -71,11 +76,28 @@ def open_paths(cfg: Any, prefix: str = "") -> list[str]:
 def _check_known(schema: DictConfig, update: DictConfig, where: str, free: Iterable[str] = ()) -> None:
     known = set(dotted_keys(schema))
     free = set(free) | set(open_paths(schema))
-    for key in dotted_keys(update):
-        if key not in known and not any(key.startswith(p + ".") for p in free):
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+    unknown = [k for k in dotted_keys(update) if k not in known and not any(k.startswith(p + ".") for p in free)]
+    for key in unknown:
+        if not any(other.startswith(key + ".") for other in unknown):  # name the whole key, not its first part
+            close = nearest_key(key, known)
+            hint = f"; did you mean '{close}'?" if close else ""
             raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def nearest_key(key: str, known: Iterable[str]) -> str | None:
+    """The valid key a mistyped dotted key most likely meant. Keys the typo ends with come first
+    (`generator.train.lr` -> `train.lr`: a stage name written in front), then keys with the same
+    last part (`train.lr` -> `optim.lr`), then the closest spelling."""
+    known = sorted(known)
+    suffix = [k for k in known if key.endswith("." + k)]
+    if suffix:
+        return max(suffix, key=len)
+    last = key.rsplit(".", 1)[-1]
+    same_last = [k for k in known if k.rsplit(".", 1)[-1] == last]
+    if same_last:
+        return max(same_last, key=lambda k: difflib.SequenceMatcher(None, key, k).ratio())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
+    return close[0] if close else None
 
 
 def _is_open(node: Any) -> bool:

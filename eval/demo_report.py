@@ -7,12 +7,10 @@ grids and the loss curves of both trainings.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core import cli
 from core.images import SyntheticSource
 from core.log import get_logger, read_jsonl
 from eval.recon import reconstruct
@@ -100,8 +99,8 @@ def reconstruction(tokenizer_dir: Path, images: torch.Tensor) -> tuple[float, np
     return float(np.mean(psnr(orig, out))), grid
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.demo_report", description=__doc__.split("\n")[0])
+def main(argv: list[str]) -> None:
+    p = cli.ArgumentParser(prog="python -m eval.demo_report", description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer-run", type=Path, required=True)
     p.add_argument("--generator-run", type=Path, required=True)
     p.add_argument("--guided", type=Path, required=True, help="samples .npz with guidance")
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
 
     # Held-out data: a seed the tokenizer and generator never saw.
     held_out = SyntheticSource(500, args.image_size, args.num_classes, seed=1001)
@@ -153,4 +152,4 @@ assigns to class c (chance = {1 / args.num_classes:.2f}).</p>
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

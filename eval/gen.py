@@ -19,14 +19,14 @@ runs/eval/gen_<samples>_<ref>): see eval.report; both feature sets are cached th
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core import cli
+from core.errors import UserError
 from core.log import get_logger
 from eval.fid import features_from_images
 from eval.metrics import compute_generation_metrics
@@ -60,14 +60,14 @@ def fingerprint(path: Path, opened: np.ndarray | ImageFiles | None) -> dict[str,
     return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eval.gen", description="FID, sFID, IS, precision/recall of samples")
+def main(argv: list[str]) -> dict:
+    p = cli.ArgumentParser(prog="python -m eval.gen", description="FID, sFID, IS, precision/recall of samples")
     p.add_argument("--samples", type=Path, required=True, help="ADM .npz (arr_0) or a folder of images")
     p.add_argument("--ref", type=Path, required=True, help="ADM reference batch, another .npz, or a folder of images")
     p.add_argument("--kid", action="store_true", help="also KID (torch-fidelity's definition)")
     p.add_argument("--kid-subset-size", type=int, default=1000)
     add_common_args(p, default_batch_size=50)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     started = time.time()
 
     extractor = open_inception(args)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     stored, ref_images = open_reference(args.ref)
     if ref_images is None and (args.kid or not extractor.is_real):
         why = "KID needs" if args.kid else "a random-weight pipeline test needs"
-        raise SystemExit(f"error: {args.ref} holds statistics but no images (arr_0); {why} reference images")
+        raise UserError(f"{args.ref} holds statistics but no images (arr_0); {why} reference images")
     if stored and not extractor.is_real:
         stored = {}
         ref_note = (f"reference: its stored mu/sigma (real-Inception statistics) are IGNORED; statistics are "
@@ -115,4 +115,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,7 +17,6 @@ second run with the same settings skips every finished chunk (no decoding, no re
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,8 +24,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from core import cli
 from core.checkpoint import atomic_path
 from core.config import to_dict
+from core.data import data_epilog, load_data_config, parse_data_overrides
+from core.errors import UserError
 from core.images import build_source, default_workers, iterate_images
 from core.log import get_logger
 from core.runtime import progress
@@ -35,8 +37,7 @@ from eval.metrics import label_metrics, merge_metrics
 from eval.npz import to_uint8
 from eval.recon_metrics import LPIPS, ReconMetrics
 from eval.report import add_common_args, open_inception, prepare_out_dir, write_report
-from latents.extract import load_data_config, open_tokenizer
-from tokenizers.base import Tokenizer
+from tokenizers.base import Tokenizer, open_tokenizer
 
 CHUNK = 1000  # images per cached chunk: what an interrupted run loses at most
 GRID = 8  # originals shown in the report, above their reconstructions
@@ -129,30 +130,28 @@ def default_out(tokenizer: str, data: str) -> Path:
     return Path("runs/eval") / f"recon_{name}_{Path(data).stem}"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eval.recon", description="rFID, PSNR, SSIM and LPIPS of a tokenizer",
-                                epilog="data.KEY=VALUE arguments override the data config, e.g. data.image_size=512")
+def main(argv: list[str]) -> dict:
+    p = cli.ArgumentParser(prog="python -m eval.recon", description="rFID, PSNR, SSIM and LPIPS of a tokenizer",
+                           epilog=data_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="a saved tokenizer folder, or family:path of an official release")
     p.add_argument("--data", default="imagenet_val", help="data config name (configs/data) or YAML path")
     p.add_argument("--num", type=int, help="evaluate the first N images only (default: all)")
     p.add_argument("--lpips-random", action="store_true", help="random VGG trunk for LPIPS only (a pipeline test)")
     p.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes (default: min(4, cores))")
     add_common_args(p, default_batch_size=32)
-    args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if bad := [o for o in overrides if not o.startswith("data.") or "=" not in o]:
-        p.error(f"unrecognised arguments: {' '.join(bad)} (only data.key=value overrides are accepted)")
+    args, overrides = parse_data_overrides(p, argv)
     started = time.time()
 
     extractor = open_inception(args)
     try:
         lpips = LPIPS(random_weights=args.random_weights or args.lpips_random, device=args.device)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}\n(--lpips-random or --random-weights run a pipeline test)")
+        raise FileNotFoundError(f"{e} (--lpips-random or --random-weights run a pipeline test)") from e
     data_cfg = load_data_config(args.data, overrides)
     source = build_source(data_cfg)
     count = len(source) if args.num is None else min(args.num, len(source))
     if count < 2:
-        raise SystemExit(f"error: rFID needs at least 2 images, the data set gives {count}")
+        raise UserError(f"rFID needs at least 2 images, the data set gives {count}")
     tokenizer, tok_info = open_tokenizer(args.tokenizer)
     tokenizer.to(args.device)
 
@@ -190,4 +189,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -21,6 +21,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from core.checkpoint import atomic_path
+from core.errors import UserError
 from core.log import get_logger
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER, format_metrics
@@ -49,7 +50,7 @@ def open_inception(args: argparse.Namespace) -> InceptionFeatures:
         return InceptionFeatures(args.inception_weights, random_weights=args.random_weights, device=args.device)
     except FileNotFoundError as e:
         hint = "--inception-weights FILE gives the file; --random-weights runs a pipeline test"
-        raise SystemExit(f"error: {e}\n({hint})")
+        raise FileNotFoundError(f"{e} ({hint})") from e
 
 
 def prepare_out_dir(out: Path, setup: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,8 +64,8 @@ def prepare_out_dir(out: Path, setup: Mapping[str, Any]) -> dict[str, Any]:
         old = json.loads(path.read_text())
         if old != setup:
             differ = sorted(k for k in old.keys() | setup.keys() if old.get(k) != setup.get(k))
-            raise SystemExit(
-                f"error: {out} holds an evaluation with other settings (they differ in: {', '.join(differ)}); "
+            raise UserError(
+                f"{out} holds an evaluation with other settings (they differ in: {', '.join(differ)}); "
                 "its cached features do not belong to this one: give another --out, or delete the folder"
             )
         log.info("resuming in %s: finished feature chunks are reused", out)

@@ -14,7 +14,6 @@ are written as they finish, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
 from pathlib import Path
 
@@ -22,8 +21,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core import cli
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
-from core.config import ConfigError, apply_overrides, compose, parse_overrides, split_cli
+from core.cli import UsageError
+from core.config import apply_overrides, compose, parse_overrides, split_cli
+from core.errors import MismatchError
 from core.log import get_logger
 from core.runtime import latest_checkpoint, make_accelerator, progress
 from eval.npz import save_samples_npz, to_uint8
@@ -38,7 +40,9 @@ CHUNK = 500
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
-    p = argparse.ArgumentParser(prog="python -m generators.sample", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m generators.sample",
+                           description="Sample a trained generator or an official release into an ADM .npz and a PNG grid.",
+                           epilog="key=value overrides the run's config (sample.* keys: configs/generator/base.yaml)")
     p.add_argument("--run", help="a generator run folder (uses its config and EMA weights)")
     p.add_argument("--checkpoint", help="a checkpoints/step_NNNNNNN folder of the run (default: the latest)")
     p.add_argument("--official", help="an official checkpoint file; needs --latent and generator=<name>")
@@ -50,17 +54,17 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     positional, preset, overrides = split_cli(argv)
     args = p.parse_args(positional)
     if args.run:
-        cfg = OmegaConf.load(Path(args.run) / "config.yaml")
-        try:
-            apply_overrides(cfg, parse_overrides(overrides), "the sampling command line")
-        except ConfigError as e:
-            raise SystemExit(str(e)) from e
+        config = Path(args.run) / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"--run {args.run}: not a generator run folder ({config} is missing)")
+        cfg = OmegaConf.load(config)
+        apply_overrides(cfg, parse_overrides(overrides), "the sampling command line")
     elif args.official:
         if not args.latent:
-            raise SystemExit("--official needs --latent <name>")
+            raise UsageError("--official needs --latent <name>")
         cfg = generator_config(args.latent, preset, overrides)
     else:
-        raise SystemExit("give --run <run folder> or --official <file>")
+        raise UsageError("give --run <run folder> or --official <file> (see --help)")
     if args.latent:
         cfg.latent = args.latent
     return args, cfg
@@ -84,7 +88,7 @@ def finished_checkpoint(path: Path) -> Path:
         return path
     last = latest_checkpoint(path)
     if last is None:
-        raise SystemExit(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
+        raise FileNotFoundError(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
     return last
 
 
@@ -118,7 +122,7 @@ def load_guide(cfg: DictConfig) -> torch.nn.Module | None:
         guide_model = OmegaConf.load(ckpt.parent.parent / "config.yaml").model
         for key in ("in_channels", "input_size", "num_classes"):
             if guide_model[key] != cfg.model[key]:
-                raise ValueError(f"AutoGuidance guide {path} has model.{key}={guide_model[key]}, "
+                raise MismatchError(f"AutoGuidance guide {path} has model.{key}={guide_model[key]}, "
                                  f"the sampled model {cfg.model[key]}")
         model = build_generator(guide_model)
         model.load_state_dict(load_safetensors(ckpt / "ema.safetensors"), strict=True)
@@ -165,8 +169,8 @@ def sample_chunk(model, cfg: DictConfig, decode: Callable[[torch.Tensor], torch.
     return np.concatenate(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, cfg = parse(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> None:
+    args, cfg = parse(argv)
     acc = make_accelerator("no")
     out = Path(args.out)
     parts = out.with_name(out.stem + ".parts")
@@ -219,4 +223,4 @@ def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, path: Pa
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core import cli
 from core.config import split_cli
+from core.errors import MismatchError
 from core.ema import EMA
 from core.log import get_logger
 from core.runtime import RunFolder, derived_seed, fused_adam_kwargs, make_accelerator, progress, seed_everything
@@ -40,11 +41,19 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def parse(argv: list[str]) -> tuple[DictConfig, DictConfig]:
-    """Returns (run config, latent config). `generator=NAME` picks configs/generator/NAME.yaml."""
-    parser = argparse.ArgumentParser(prog="python -m generators.train", description=__doc__.split("\n")[0])
+def parse(argv: list[str]) -> tuple[DictConfig, DictConfig] | None:
+    """Returns (run config, latent config), or None after printing the help. `generator=NAME` picks
+    configs/generator/NAME.yaml."""
+    parser = cli.ArgumentParser(prog="python -m generators.train", add_help=False,
+                                description="Train a generator on a latent source (one CPU ... many GPUs and nodes); "
+                                            "started again on its run folder, a run resumes exactly.",
+                                usage="python -m generators.train --latent NAME [generator=NAME] [preset=NAME] [key=value ...]")
     parser.add_argument("--latent", required=True, help="a configs/latent/<name>.yaml name or a YAML path")
     positional, preset, overrides = split_cli(argv)
+    if cli.wants_help(positional):
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("generator=")]
+        print(generator_help(parser, chosen[-1] if chosen else None))
+        return None
     args = parser.parse_args(positional)
     latent_cfg = load_latent_config(args.latent, preset)  # the preset's section latent.<name>, if any
     cfg = generator_config(args.latent, preset, overrides)
@@ -52,6 +61,16 @@ def parse(argv: list[str]) -> tuple[DictConfig, DictConfig]:
         cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{cfg.generator}"
     OmegaConf.resolve(cfg)  # a preset may write run.dir with ${latent}
     return cfg, latent_cfg
+
+
+def generator_help(parser: argparse.ArgumentParser, generator: str | None) -> str:
+    return "\n".join([
+        parser.format_help().rstrip(), "",
+        "config groups:", cli.groups_help("latent", "generator", "preset"),
+        "  (--latent NAME picks configs/latent/NAME.yaml, whose `generator` is the default; generator=NAME overrides it)", "",
+        cli.config_help("generator", generator),
+        *([] if generator else ["", "a family's own keys and values: python -m generators.train --help generator=<name>"]),
+    ])
 
 
 def check_against_data(model_cfg: DictConfig, shape: tuple[int, int, int], num_classes: int, latent: str) -> None:
@@ -65,7 +84,7 @@ def check_against_data(model_cfg: DictConfig, shape: tuple[int, int, int], num_c
     if num_classes > model_cfg.num_classes:
         problems.append(f"model.num_classes={model_cfg.num_classes} but the data has {num_classes} classes")
     if problems:
-        raise ValueError(f"latent source '{latent}' does not match the model: " + "; ".join(problems))
+        raise MismatchError(f"latent source '{latent}' does not match the model: " + "; ".join(problems))
 
 
 def step_randomness(seed: int, step: int, rank: int, n: int, shape: tuple[int, ...], cfg: DictConfig,
@@ -175,8 +194,11 @@ def save_samples(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: t
     save_image((images.float().clamp(-1, 1) + 1) / 2, str(path), nrow=cfg.sample.grid_per_class * 4)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, latent_cfg = parse(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> None:
+    parsed = parse(argv)
+    if parsed is None:
+        return
+    cfg, latent_cfg = parsed
     try:
         path = train(cfg, latent_cfg)
     except NonFiniteLoss as e:
@@ -186,4 +208,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

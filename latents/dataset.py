@@ -375,7 +375,7 @@ def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: 
 def cached_tokenizer(spec: str) -> tuple[Any, dict[str, Any]]:
     """`latents.extract.open_tokenizer(spec)`, loaded once per process (decoding and online encoding share it).
     Only the name and config of its provenance are compared with stores, so the weights are not hashed."""
-    from latents.extract import open_tokenizer
+    from tokenizers.base import open_tokenizer
 
     return open_tokenizer(spec, checksum=False)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,12 +41,15 @@ import torch
 from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig
 
-from core.config import ConfigError, apply_overrides, named_config, parse_overrides, to_dict
+from core import cli
+from core.config import to_dict
+from core.data import data_epilog, load_data_config
+from core.errors import UserError
 from core.images import Skipping, build_source, collate_items, default_workers
 from core.log import JsonlWriter, get_logger
 from core.runtime import derived_seed, make_accelerator, progress
 from latents import store as zs
-from tokenizers.base import TOKENIZERS, Tokenizer, describe, load_tokenizer, sha256_of
+from tokenizers.base import TOKENIZERS, Tokenizer, open_tokenizer
 
 log = get_logger("latents.extract")
 
@@ -55,7 +57,7 @@ log = get_logger("latents.extract")
 RESUME_KEYS = ("tokenizer", "data.source", "image_size", "latent_shape", "num_rows", "num_classes", "extraction")
 
 
-class StrictError(RuntimeError):
+class StrictError(UserError):
     """--strict met an image that cannot be decoded."""
 
 
@@ -71,38 +73,6 @@ class ExtractSettings:
     seed: int = 0
     shard_rows: int | None = None  # None: sized by latents.store.make_layout
     autocast: bool = False  # bf16 autocast while encoding
-
-
-def open_tokenizer(spec: str, checksum: bool = True) -> tuple[Tokenizer, dict[str, Any]]:
-    """A saved tokenizer folder, or `family:path[,key=value...]` of an official release (the options go
-    to the family's `load_official`, e.g. `rae:<decoder model.pt>,encoder=siglip2_b`); returns it and
-    its provenance. `checksum`: include the weights' sha256, a full read of the file that only a new
-    store's provenance needs."""
-    import tokenizers.families  # noqa: F401  (registers every family)
-
-    if Path(spec).is_dir():
-        tok = load_tokenizer(spec)
-        return tok.eval(), describe(tok, spec if checksum else None)
-    family, sep, rest = spec.partition(":")
-    if not sep or family not in TOKENIZERS:
-        raise ValueError(
-            f"--tokenizer {spec!r} is neither a saved tokenizer folder nor family:path with a family in {sorted(TOKENIZERS)}"
-        )
-    path, *options = rest.split(",")
-    tok = TOKENIZERS[family].load_official(path, **dict(parse_overrides(options)))
-    info = describe(tok)
-    if checksum and Path(path).is_file():
-        info["checkpoint_sha256"] = sha256_of(path)
-    return tok.eval(), info
-
-
-def load_data_config(name: str, overrides: list[str] = ()) -> DictConfig:
-    """A data config by name or YAML path, with `data.key=value` overrides (unknown keys are an error)."""
-    pairs = parse_overrides(overrides)
-    for key, value in pairs:
-        if not key.startswith("data."):
-            raise ConfigError(f"override {key}={value}: only data.<key>=<value> overrides are accepted here")
-    return apply_overrides(named_config("data", name), [(k[len("data."):], v) for k, v in pairs], "the command line (data.*)")
 
 
 def log_path(out: str) -> Path:
@@ -295,9 +265,14 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     return zs.LatentStore(out)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m latents.extract", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokenizer", required=True, help="saved tokenizer folder, or family:path of an official release")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    import tokenizers.families  # noqa: F401  (registers every family, for the help text)
+
+    families = ", ".join(sorted(k for k in TOKENIZERS if not k.endswith("_test")))
+    p = cli.ArgumentParser(prog="python -m latents.extract", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"tokenizer families (--tokenizer family:path): {families}\n{data_epilog()}")
+    p.add_argument("--tokenizer", required=True, help="saved tokenizer folder, or family:path[,key=value] of an official release")
     p.add_argument("--data", required=True, help="data config name (configs/data) or YAML path")
     p.add_argument("--out", required=True, help="store path or fsspec URL")
     p.add_argument("--batch-size", type=int, default=64)
@@ -314,8 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # data.key=value may come between options
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str]) -> None:
     args = parse_args(argv)
     settings = ExtractSettings(
         batch_size=args.batch_size, dtype=args.dtype, stats=args.stats, center=not args.no_mean,
@@ -329,10 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extract(tokenizer, tok_info, source, data_cfg, args.out, settings, args.strict, args.workers, acc, command)
     except StrictError as e:
-        raise SystemExit(f"error: {e}\nThe store {args.out} is left incomplete: shards finished before "
-                         "this file are kept, nothing of the shard holding it was written. Fix the file and run the "
-                         "same command to resume, or delete the store.") from e
+        raise StrictError(f"{e}. The store {args.out} is left incomplete: shards finished before this file are kept, "
+                          "nothing of the shard holding it was written. Fix the file and run the same command to resume, "
+                          "or delete the store.") from e
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from core.checkpoint import save_safetensors
+from core.errors import UserError
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
 
@@ -97,6 +98,35 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     import tokenizers.families  # noqa: F401  (registers every family)
 
     return Tokenizer.from_pretrained(folder)
+
+
+def open_tokenizer(spec: str, checksum: bool = True) -> tuple[Tokenizer, dict[str, Any]]:
+    """The `--tokenizer` spec of every command: a saved tokenizer folder, or `family:path[,key=value...]` of an
+    official release (the options go to the family's `load_official`, e.g. `rae:<decoder model.pt>,encoder=siglip2_b`).
+    Returns the tokenizer (eval mode) and its provenance. `checksum`: include the weights' sha256, a full read of
+    the file that only a new store's provenance needs."""
+    import difflib
+
+    import tokenizers.families  # noqa: F401  (registers every family)
+    from core.config import parse_overrides
+
+    if Path(spec).is_dir():
+        tok = load_tokenizer(spec)
+        return tok.eval(), describe(tok, spec if checksum else None)
+    family, sep, rest = spec.partition(":")
+    if not sep:
+        raise FileNotFoundError(f"--tokenizer {spec}: no saved tokenizer folder there (nor is it family:path of an "
+                                f"official release, with a family in {', '.join(sorted(TOKENIZERS))})")
+    if family not in TOKENIZERS:
+        close = difflib.get_close_matches(family, list(TOKENIZERS), n=1)
+        raise UserError(f"--tokenizer {spec}: unknown tokenizer family {family!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else "") + f"; known: {', '.join(sorted(TOKENIZERS))}")
+    path, *options = rest.split(",")
+    tok = TOKENIZERS[family].load_official(path, **dict(parse_overrides(options)))
+    info = describe(tok)
+    if checksum and Path(path).is_file():
+        info["checkpoint_sha256"] = sha256_of(path)
+    return tok.eval(), info
 
 
 def sha256_of(path: str | Path) -> str:

@@ -21,8 +21,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; set before timm/huggingface_hub load
 
 import copy
+import difflib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +31,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from core import cli
 from core.checkpoint import atomic_path, load_safetensors
+from core.cli import UsageError, config_help, groups_help, wants_help
 from core.config import ConfigError, compose, split_cli, to_dict
 from core.ema import EMA
 from core.images import build_source, collate_items, iterate_images, Skipping
@@ -603,19 +605,34 @@ def init_weights(path: Path, model: nn.Module, disc: nn.Module) -> None:
     log.info("initialised from %s", path)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    positional, preset, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    if len(positional) != 1:
-        raise SystemExit(f"usage: python -m tokenizers.train {{{'|'.join(FAMILIES)}}} [preset=NAME] [key=value ...]")
-    family = positional[0]
-    try:
-        if family not in FAMILIES:
-            raise ConfigError(f"unknown tokenizer family {family!r}; trainable here: {sorted(FAMILIES)}")
-        cfg = compose("tokenizer", family, preset, overrides)
-        return train(family, cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from e
+USAGE = "usage: python -m tokenizers.train <family> [preset=NAME] [data=NAME] [key=value ...]"
+
+
+def usage(family: str | None) -> str:
+    if family is None:
+        lines = [USAGE, "", "families (`python -m tokenizers.train <family> --help` lists its keys):"]
+        lines += [f"  {name}: {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in FAMILIES.items()]
+    else:
+        lines = [USAGE.replace("<family>", family), "", config_help("tokenizer", family)]
+    return "\n".join(lines + ["", "config groups (NAME=<name>):", groups_help("data", "preset")])
+
+
+def main(argv: list[str]) -> Path | None:
+    positional, preset, overrides = split_cli(argv)
+    names = [p for p in positional if not p.startswith("-")]
+    family = names[0] if names else None
+    if family is not None and family not in FAMILIES:
+        close = difflib.get_close_matches(family, list(FAMILIES), n=1)
+        raise ConfigError(f"unknown tokenizer family {family!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                          + f"; trainable here: {', '.join(FAMILIES)}")
+    if wants_help(positional):
+        print(usage(family))
+        return None
+    if len(names) != 1 or len(positional) != 1:
+        raise UsageError(f"give one tokenizer family and key=value overrides ({USAGE.removeprefix('usage: ')}); "
+                         f"got {' '.join(positional) or 'no family'}")
+    return train(family, compose("tokenizer", family, preset, overrides))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

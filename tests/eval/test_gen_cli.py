@@ -15,6 +15,7 @@ from PIL import Image
 
 import eval.gen as gen
 import eval.metrics
+from core.errors import UserError
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER
 from eval.npz import save_samples_npz
@@ -108,7 +109,7 @@ def test_changed_samples_are_refused(first_run, inputs, monkeypatch):
     changed = inputs / "changed.npz"
     save_samples_npz(changed, images(1))
     argv[argv.index("--samples") + 1] = str(changed)
-    with pytest.raises(SystemExit, match="other settings.*samples"):
+    with pytest.raises(UserError, match="other settings.*samples"):
         run(argv, monkeypatch)
 
 
@@ -133,7 +134,7 @@ def test_stored_statistics_are_not_compared_with_random_features(first_run, inpu
     assert "fid" not in metrics and metrics["pipeline_test"]
 
     np.savez(inputs / "stats_only.npz", **stored)
-    with pytest.raises(SystemExit, match="no images"):
+    with pytest.raises(UserError, match="no images"):
         run(["--samples", str(inputs / "samples.npz"), "--ref", str(inputs / "stats_only.npz"), "--random-weights",
              "--out", str(inputs / "out_stats")], monkeypatch)
 
@@ -142,7 +143,7 @@ def test_missing_weights_error_names_the_file(inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     argv = ["--samples", str(inputs / "samples.npz"), "--ref", str(inputs / "pngs"), "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(FileNotFoundError) as err:
         gen.main(argv)
     assert WEIGHTS_FILENAME in str(err.value) and "--random-weights" in str(err.value)
     assert not (tmp_path / "out").exists()

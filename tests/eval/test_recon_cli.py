@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import eval.recon as recon
+from core.errors import UserError
 from core.images import ImageFolderSource
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures, stats
 from eval.metrics import PIPELINE_TEST_HEADER
@@ -121,7 +122,7 @@ def test_other_settings_are_refused(first_run, tokenizer_dir, monkeypatch):
     root, out, *_ = first_run
     args = recon_args(tokenizer_dir, root, out, "--random-weights")
     args[args.index("--num") + 1] = "4"
-    with pytest.raises(SystemExit, match="other settings.*num_images"):
+    with pytest.raises(UserError, match="other settings.*num_images"):
         run(args, monkeypatch)
 
 
@@ -129,11 +130,11 @@ def test_missing_weights_error_names_the_file(tokenizer_dir, tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     args = recon_args(tokenizer_dir, tmp_path, tmp_path / "out")
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(FileNotFoundError) as err:
         recon.main(args)
     assert WEIGHTS_FILENAME in str(err.value) and str(tmp_path / "hub" / "checkpoints") in str(err.value)
     assert "--random-weights" in str(err.value)
-    with pytest.raises(SystemExit, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
         recon.main(args + ["--inception-weights", str(tmp_path / "missing.pth")])
     assert not (tmp_path / "out").exists()
 

@@ -8,7 +8,8 @@ from core.images import SyntheticSource
 from latents.dataset import (
     LatentLoader, Normalizer, build_latent_loader, decode_latents, latent_info, load_latent_config,
 )
-from latents.extract import ExtractSettings, extract, open_tokenizer
+from latents.extract import ExtractSettings, extract
+from tokenizers.base import open_tokenizer
 
 N, INVALID = 43, (5, 11, 30)  # 40 valid rows
 SCALE = np.array([1.0, 10.0], np.float32)[:, None, None]  # channel 1 is ten times channel 0

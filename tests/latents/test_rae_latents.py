@@ -10,7 +10,7 @@ from core.config import ConfigError
 from core.images import SyntheticSource, default_workers
 from latents.dataset import BatchSchedule, build_latent_loader, decode_latents, latent_info, load_latent_config
 from latents.extract import main as extract_main
-from latents.extract import open_tokenizer
+from tokenizers.base import open_tokenizer
 from tokenizers.rae import RAE, STATS_EPS
 
 IMAGES = {"kind": "synthetic", "num_images": 20, "image_size": 32, "num_classes": 10}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from latents.extract import open_tokenizer
+from tokenizers.base import open_tokenizer
 from tokenizers import rae as rae_mod
 from tokenizers.base import sha256_of
 from tokenizers.encoders import ENCODERS

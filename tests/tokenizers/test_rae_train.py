@@ -2,10 +2,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.config import compose
+from core.config import ConfigError, compose
 from core.images import iterate_images
 from core.log import read_jsonl
-from latents.extract import open_tokenizer
+from tokenizers.base import open_tokenizer
 from tokenizers import train as trainer
 from tokenizers.base import load_tokenizer
 from tokenizers.discriminators import DINO_KEY_BLOCKS, DinoDiscriminator, diff_augment
@@ -120,7 +120,7 @@ def test_encoder_names_build_the_official_rae(name, spec, side, prefix):
 
 
 def test_unknown_encoder_is_a_clear_error():
-    with pytest.raises(SystemExit, match="unknown RAE encoder 'dinov2_l'; choose from dinov2_b, siglip2_b, mae_b"):
+    with pytest.raises(ConfigError, match="unknown RAE encoder 'dinov2_l'; choose from dinov2_b, siglip2_b, mae_b"):
         trainer.main(["rae", "encoder=dinov2_l"])
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.config import compose
+from core.config import ConfigError, compose
 from core.images import build_source
 from core.log import read_jsonl
 from tokenizers import train as trainer
@@ -114,9 +114,9 @@ def test_resume_equals_uninterrupted(tmp_path, killed_after_checkpoint):
 
 
 def test_unknown_key_names_the_closest(capsys):
-    with pytest.raises(SystemExit, match="train.stpes.*did you mean 'train.steps'"):
+    with pytest.raises(ConfigError, match="train.stpes.*did you mean 'train.steps'"):
         trainer.main(["vavae", "train.stpes=3"])
-    with pytest.raises(SystemExit, match="unknown tokenizer family 'vqgan'"):
+    with pytest.raises(ConfigError, match="unknown tokenizer family 'vqgan'"):
         trainer.main(["vqgan"])
 
 
