@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from core import faults
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -24,6 +26,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
+        faults.point("atomic")
         if path.is_dir() and target.is_dir():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -18,7 +18,11 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from omegaconf import DictConfig, OmegaConf
 
+from core import faults
 from core.checkpoint import save_safetensors, load_safetensors
+from core.errors import CorruptFileError
+from core.integrity import MANIFEST, folder_problems, write_manifest
+from core.lock import WriterLock
 from core.log import JsonlWriter, get_logger
 
 log = get_logger("runtime")
@@ -43,10 +47,37 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0])
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest finished `checkpoints/step_NNNNNNN` folder of a run (one with trainer_state.json), if any."""
+def latest_checkpoint(run_dir: str | Path, fallback: bool = True) -> Path | None:
+    """The newest finished `checkpoints/step_NNNNNNN` folder of a run whose files match its manifest, if any.
+
+    A checkpoint with a truncated, changed or missing file is named in a warning and skipped for the one
+    before it (`fallback`), or refused (`fallback=False`: sampling must not silently use older weights).
+    """
     done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
+    bad = []
+    for ckpt in reversed(done):
+        problems = checkpoint_problems(ckpt)
+        if not problems:
+            if bad:
+                log.warning("resuming from %s instead", ckpt)
+            return ckpt
+        if not fallback:
+            older = next((p for p in reversed(done[: done.index(ckpt)]) if not checkpoint_problems(p)), None)
+            raise CorruptFileError(f"checkpoint {ckpt} is damaged: {problems[0]}" + (
+                f"; the previous good one is {older} (--checkpoint {older})" if older else "; no good checkpoint is left"))
+        log.warning("checkpoint %s is damaged and is not used: %s", ckpt, "; ".join(problems[:3]))
+        bad.append(ckpt)
+    if bad:
+        raise CorruptFileError(f"every checkpoint of {run_dir} is damaged ({', '.join(p.name for p in bad)}); the newest: "
+                               f"{checkpoint_problems(bad[0])[0]}. Restore them or start a new run folder")
+    return None
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint folder against its manifest (none for folders written before manifests)."""
+    if not (folder / MANIFEST).is_file():
+        return []  # written before manifests existed: nothing to check against
+    return folder_problems(folder)
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +95,7 @@ class RunFolder:
         self.ckpt_dir = self.path / "checkpoints"
         if accelerator.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = WriterLock(self.path / ".lock", f"run folder {self.path}").acquire()
         accelerator.wait_for_everyone()
         self.metrics = JsonlWriter(self.path / "metrics.jsonl")
 
@@ -102,6 +134,8 @@ class RunFolder:
             if ema_state is not None:
                 save_safetensors(ema_state, tmp / "ema.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            faults.point("checkpoint")
+            write_manifest(tmp)  # last: a checkpoint is trusted only with it
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if keep > 0:  # the newest `keep` checkpoints stay, this one included

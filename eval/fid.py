@@ -23,6 +23,7 @@ from scipy import linalg
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
+from core import integrity
 from core.checkpoint import atomic_path, check_keys, load_torch_weights
 from core.log import get_logger
 from eval.npz import check_uint8_nhwc
@@ -185,7 +186,9 @@ class _FeatureCache:
         return self.folder / f"chunk_{index:06d}.npz"
 
     def load(self, index: int, expected_len: int | None) -> dict[str, np.ndarray] | None:
-        if not self._file(index).is_file():
+        if (why := integrity.problem(self._file(index))) is not None:
+            if self._file(index).is_file():
+                log.warning("computing a cached feature chunk again: %s", why)
             return None
         with np.load(self._file(index)) as z:
             feats = {k: z[k] for k in FEATURES}
@@ -194,9 +197,11 @@ class _FeatureCache:
         return feats
 
     def save(self, index: int, feats: dict[str, np.ndarray]) -> None:
-        with atomic_path(self._file(index)) as tmp:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **feats)
+
+        integrity.write_recorded(self._file(index), write)
 
 
 def _chunk_loaders(images, chunk_size: int) -> Iterator[tuple[Callable[[], np.ndarray], int | None]]:

@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 
 from core.checkpoint import atomic_path
 from core.errors import UserError
+from core.lock import WriterLock
 from core.log import get_logger
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER, format_metrics
@@ -59,6 +60,7 @@ def prepare_out_dir(out: Path, setup: Mapping[str, Any]) -> dict[str, Any]:
     Returns the setup as stored (JSON types).
     """
     setup = json.loads(json.dumps(setup))
+    WriterLock(out.with_name(out.name + ".lock"), f"evaluation folder {out}").acquire()  # held until the process ends
     path = out / "setup.json"
     if path.is_file():
         old = json.loads(path.read_text())

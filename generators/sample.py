@@ -14,6 +14,8 @@ are written as they finish, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from typing import Callable
 from pathlib import Path
 
@@ -24,10 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from core import cli
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.cli import UsageError
-from core.config import apply_overrides, compose, parse_overrides, split_cli
-from core.errors import MismatchError
+from core.config import apply_overrides, compose, parse_overrides, split_cli, to_dict
+from core.errors import CorruptFileError, MismatchError, UserError
+from core.integrity import check, problem, write_recorded
+from core.lock import WriterLock
 from core.log import get_logger
-from core.runtime import latest_checkpoint, make_accelerator, progress
+from core.runtime import checkpoint_problems, latest_checkpoint, make_accelerator, progress
 from eval.npz import save_samples_npz, to_uint8
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
@@ -83,10 +87,13 @@ def generator_config(latent: str, preset: str | None, overrides: list[str]) -> D
 
 
 def finished_checkpoint(path: Path) -> Path:
-    """A run's latest finished checkpoint folder, or `path` itself when it is a checkpoint folder."""
+    """A run's latest finished checkpoint folder, or `path` itself when it is a checkpoint folder; a damaged
+    one (files that differ from its manifest) is refused, naming the file."""
     if (path / "trainer_state.json").is_file():
+        if problems := checkpoint_problems(path):
+            raise CorruptFileError(f"checkpoint {path} is damaged: {problems[0]}")
         return path
-    last = latest_checkpoint(path)
+    last = latest_checkpoint(path, fallback=False)
     if last is None:
         raise FileNotFoundError(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
     return last
@@ -174,34 +181,57 @@ def main(argv: list[str]) -> None:
     acc = make_accelerator("no")
     out = Path(args.out)
     parts = out.with_name(out.stem + ".parts")
-    if acc.is_main_process:
-        parts.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
+    lock = WriterLock(out.with_name(out.name + ".lock"), f"samples {out}").acquire() if acc.is_main_process else None
     model = load_model(args, cfg).to(acc.device)
     guide = load_guide(cfg)
     guide = guide.to(acc.device) if guide is not None else None
     decode = latent_decoder(load_latent_config(cfg.latent, cfg.get("preset")))
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
+    if acc.is_main_process:
+        check_parts_setup(parts, {"num": args.num, "labels": args.labels, "model": to_dict(cfg.model),
+                                  "sample": to_dict(cfg.sample), "latent": str(cfg.latent),
+                                  "weights": args.official or str(finished_checkpoint(Path(args.checkpoint or args.run)))})
+    acc.wait_for_everyone()
     starts = list(range(0, args.num, CHUNK))
     mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
     for start in progress(mine, desc="sample", enabled=acc.is_main_process):
         part = parts / f"{start:08d}.npz"
-        if part.is_file():
+        if (why := problem(part)) is None:
             continue
+        if part.is_file():
+            log.warning("sampling part again: %s", why)
         images = sample_chunk(model, cfg, decode, np.arange(start, min(start + CHUNK, args.num)), labels,
                               args.batch_size, acc.device, guide)
-        with atomic_path(part) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images)
+        write_recorded(part, lambda tmp: save_npz(tmp, images=images))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        images = np.concatenate([np.load(parts / f"{s:08d}.npz")["images"] for s in starts])
+        images = np.concatenate([np.load(check(parts / f"{s:08d}.npz"))["images"] for s in starts])
         save_samples_npz(out, images, labels)
         save_grid(images, labels, cfg.model.num_classes, out.with_suffix(".png"))
-        for f in parts.glob("*.npz"):
-            f.unlink()
-        parts.rmdir()
+        shutil.rmtree(parts)
+        lock.release()
         log.info("wrote %d samples to %s (grid: %s)", len(images), out, out.with_suffix(".png"))
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name without it
+        np.savez(f, **arrays)
+
+
+def check_parts_setup(parts: Path, setup: dict) -> None:
+    """Parts left by an interrupted run are reused only by a run with the same settings."""
+    path = parts / "setup.json"
+    setup = json.loads(json.dumps(setup))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != setup:
+            differ = sorted(k for k in old.keys() | setup.keys() if old.get(k) != setup.get(k))
+            raise UserError(f"{parts} holds the parts of an interrupted sampling run with other settings ({', '.join(differ)} "
+                            "differ); run it with the same settings to finish it, or delete the folder")
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(setup, indent=1))
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, path: Path, per_class: int = 8,

@@ -48,9 +48,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import ConfigError, named_config
+from core.errors import CorruptFileError
 from core.images import default_workers
 from core.log import get_logger
-from latents.store import LatentStore, Stats, combined_stats
+from latents.store import LatentStore, Stats, combined_stats, shard_problem
 
 log = get_logger("latents.dataset")
 
@@ -345,10 +346,19 @@ def fill_cache(stores: list[LatentStore], cache: np.ndarray, labels: np.ndarray)
         lat, flip, lab, valid = (store.array(n) for n in ("latents", "latents_flip", "labels", "valid"))
         for k in range(layout.num_shards):
             start, stop = layout.shard_range(k)
-            keep = valid[start:stop]
+            try:
+                block = {"latents": lat[start:stop], "latents_flip": flip[start:stop], "valid": valid[start:stop]}
+            except Exception as e:  # a damaged compressed chunk fails to decode in zarr or its codec
+                raise CorruptFileError(f"latent store {store.url}: shard {k} (rows {start}..{stop}) cannot be read "
+                                       f"({type(e).__name__}: {e}); run its extraction command again to write it anew: "
+                                       f"{store.attrs.get('command', 'python -m latents.extract ...')}") from e
+            if (why := shard_problem(store.group, layout, k, block)) is not None:
+                raise CorruptFileError(f"latent store {store.url}: {why}. Run its extraction command again to write that "
+                                       f"shard anew: {store.attrs.get('command', 'python -m latents.extract ...')}")
+            keep = block["valid"]
             n = int(keep.sum())
-            cache[at : at + n, 0] = lat[start:stop][keep]
-            cache[at : at + n, 1] = flip[start:stop][keep]
+            cache[at : at + n, 0] = block["latents"][keep]
+            cache[at : at + n, 1] = block["latents_flip"][keep]
             labels[at : at + n] = lab[start:stop][keep]
             at += n
 

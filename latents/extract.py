@@ -46,6 +46,7 @@ from core.config import to_dict
 from core.data import data_epilog, load_data_config
 from core.errors import UserError
 from core.images import Skipping, build_source, collate_items, default_workers
+from core.lock import WriterLock
 from core.log import JsonlWriter, get_logger
 from core.runtime import derived_seed, make_accelerator, progress
 from latents import store as zs
@@ -177,6 +178,21 @@ def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: 
     return "resumed"
 
 
+def replace_damaged_shards(group: Any, layout: zs.Layout, out: str) -> list[int]:
+    """Finished shards that no longer read back as they were written: named, and their done records dropped so that
+    this run writes them again (a complete store becomes incomplete until then). Reads the whole store."""
+    log.info("%s: checking the finished shards against their recorded hashes", out)
+    bad = []
+    for k in sorted(zs.finished_shards(group)):
+        if (why := zs.shard_problem(group, layout, k)) is not None:
+            log.warning("%s: %s; writing it again", out, why)
+            zs.forget_shard(group, k)
+            bad.append(k)
+    if bad:
+        group.attrs["complete"] = False
+    return bad
+
+
 def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cfg: Any, out: str,
             settings: ExtractSettings = ExtractSettings(), strict: bool = False, workers: int = 0,
             accelerator: Accelerator | PartialState | None = None, command: str = "") -> zs.LatentStore:
@@ -196,7 +212,12 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     attrs = store_attributes(tok_info, source, data_cfg, latent_shape, settings, layout, command)
     journal = JsonlWriter(log_path(out))
 
-    state = prepare_store(out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels)) if acc.is_main_process else None
+    if acc.is_main_process:
+        if "://" not in out:  # one writer per store; object stores have no such lock here
+            WriterLock(log_path(out).with_suffix(".lock"), f"latent store {out}").acquire()
+        state = prepare_store(out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels))
+        if state != "created":
+            replace_damaged_shards(zs.open_group(out, mode="r+"), layout, out)
     acc.wait_for_everyone()
     group = zs.open_group(out, mode="r+")
     if group.attrs.get("complete"):

@@ -26,6 +26,7 @@ so they do not depend on the number of processes or on where a run was interrupt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+
+from core import faults
 
 FORMAT = "latentkit.latent_store"
 VERSION = 1
@@ -159,13 +162,43 @@ def write_shard(group: zarr.Group, layout: Layout, shard: int, latents: np.ndarr
     start, stop = layout.shard_range(shard)
     if len(latents) != stop - start:
         raise ValueError(f"shard {shard} holds rows {start}..{stop}, got {len(latents)} rows")
-    group["latents"][start:stop] = latents
-    group["latents_flip"][start:stop] = flips
-    group["valid"][start:stop] = valid
+    arrays = {"latents": latents, "latents_flip": flips, "valid": valid}
+    for name, values in arrays.items():
+        group[name][start:stop] = values
     total, total_sq = partial_sums(latents, flips, valid, stats_kind)
     group["shards/sum"][shard] = total
     group["shards/sumsq"][shard] = total_sq
-    group["shards/done"].create_group(f"{shard:06d}", attributes={"num_valid": int(valid.sum()), "skipped": skipped})
+    faults.point("shard")
+    digests = {name: _digest(np.asarray(values, dtype=group[name].dtype)) for name, values in arrays.items()}
+    group["shards/done"].create_group(f"{shard:06d}", attributes={"num_valid": int(valid.sum()), "skipped": skipped,
+                                                                  "sha256": digests})
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).data).hexdigest()
+
+
+def shard_problem(group: zarr.Group, layout: Layout, shard: int, arrays: dict[str, np.ndarray] | None = None) -> str | None:
+    """None when shard `shard` reads back as it was written (the sha256 of each array in its done record); else
+    what differs. `arrays`: the shard's rows already read (a loader checks what it reads), else they are read here.
+    Shards recorded before hashes were stored cannot be checked and pass."""
+    recorded = group["shards/done"][f"{shard:06d}"].attrs.get("sha256")
+    if not recorded:
+        return None
+    start, stop = layout.shard_range(shard)
+    for name, digest in recorded.items():
+        try:
+            values = arrays[name] if arrays is not None else group[name][start:stop]
+        except Exception as e:  # a damaged compressed chunk fails to decode in zarr or the codec
+            return f"shard {shard} (rows {start}..{stop}) of '{name}' cannot be read: {type(e).__name__}: {e}"
+        if _digest(values) != digest:
+            return f"shard {shard} (rows {start}..{stop}) of '{name}' has other bytes than were written"
+    return None
+
+
+def forget_shard(group: zarr.Group, shard: int) -> None:
+    """Drop a shard's done record, so that extraction writes it again."""
+    del group["shards/done"][f"{shard:06d}"]
 
 
 def finalise(group: zarr.Group, layout: Layout) -> Stats:
