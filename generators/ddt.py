@@ -38,6 +38,7 @@ from generators.layers import (
     sincos_pos_embed_2d,
 )
 from generators.official import OfficialCheckpointMixin
+from generators.registry import Release, register
 
 # Encoder sizes; every variant has the same head (width 2048, 2 blocks, 16 heads). S and XL are the
 # released configs, B per the maintainers (issue #75), L the standard DiT-L encoder.
@@ -202,6 +203,11 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
         return model.eval()
 
 
+@register(
+    "ddt", config="ditdh_xl",
+    tiny={"size": "S", "options": {"hidden_size": [32, 64], "depth": [1, 1], "num_heads": [2, 2]}},
+    releases=(Release("DiTDH-XL", "rae", "dinov2_b"), Release("DiTDH-S_ep14", "rae", "dinov2_b")),
+)
 def build_ddt(name: str, **overrides) -> DiTwDDTHead:
     """A preset (``"DiTDH-XL"`` or ``"XL"``; S, B, L, XL) with the released options.
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import load_torch_weights
+from core.errors import MismatchError
 from generators.layers import (
     zero_modulation_and_output,
     FinalLayer,
@@ -26,6 +27,7 @@ from generators.layers import (
     sincos_pos_embed_2d,
 )
 from generators.official import OfficialCheckpointMixin
+from generators.registry import Release, register
 
 # Sizes of the official registry ``LightningDiT_models``.
 PRESETS: dict[str, dict[str, int]] = {
@@ -77,6 +79,10 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         use_checkpoint: bool = False,
     ):
         super().__init__()
+        if input_size % patch_size:
+            # The patch embedding would silently drop the last rows and columns.
+            raise MismatchError(f"LightningDiT with patch size {patch_size} needs a latent grid divisible by "
+                                f"{patch_size}; these latents are {input_size}x{input_size}")
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
@@ -159,6 +165,11 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         return model.eval()
 
 
+@register(
+    "lightningdit", config="lightningdit_xl1",
+    tiny={"size": "B/1", "options": {"hidden_size": 32, "depth": 1, "num_heads": 2}},
+    releases=(Release("LightningDiT-XL/1 64ep", "vavae"), Release("LightningDiT-XL/1 800ep", "vavae")),
+)
 def build_lightningdit(name: str, **overrides) -> LightningDiT:
     """A registry size (``"LightningDiT-XL/1"`` or ``"XL/1"``) with the released options.
 

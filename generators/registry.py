@@ -1,24 +1,83 @@
-"""Builds a generator (Denoiser) from the `model` section of a generator config."""
+"""The registry of generator families, and building a generator (Denoiser) from the `model` section of a config.
+
+A family registers its builder with `register` (generators/families.py imports them all), together with
+what the tokenizer x generator compatibility matrix needs: its released config, a tiny version of itself
+and the official checkpoints it loads.
+"""
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from core.config import to_dict
+from core.errors import MismatchError, UserError
+
+
+@dataclass(frozen=True)
+class Release:
+    """An official checkpoint of a family, and the latents it was trained on: a tokenizer family and its variant
+    (tokenizers.base.Tokenizer.variants), which must be the ones it is sampled with."""
+
+    name: str
+    tokenizer: str
+    variant: str = ""
+
+
+@dataclass(frozen=True)
+class GeneratorFamily:
+    name: str
+    build: Callable[..., nn.Module]  # build(size, **constructor keywords)
+    config: str  # configs/generator/<config>.yaml of the released model
+    tiny: dict[str, Any]  # `size` and `options` of a tiny model for tests; the latents give channels and grid
+    releases: tuple[Release, ...] = ()
+
+
+GENERATORS: dict[str, GeneratorFamily] = {}
+
+
+def register(name: str, config: str, tiny: dict[str, Any], releases: tuple[Release, ...] = ()):
+    """Decorator of a family's builder `build(size, **constructor keywords)`: makes `model.family: <name>` build it."""
+
+    def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        GENERATORS[name] = GeneratorFamily(name, build, config, tiny, releases)
+        return build
+
+    return wrap
+
+
+def shipped_generators() -> dict[str, GeneratorFamily]:
+    """The families that ship with latentkit, not stand-ins that tests register."""
+    import generators.families  # noqa: F401  (registers every family)
+
+    return {n: f for n, f in GENERATORS.items() if f.build.__module__.startswith("generators.")}
 
 
 def build_generator(model_cfg: Any) -> nn.Module:
+    import generators.families  # noqa: F401  (registers every family)
+
     cfg = to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)
     family = cfg.pop("family")
     size = cfg.pop("size")
     options = cfg.pop("options", None) or {}
-    if family == "lightningdit":
-        from generators.lightningdit import build_lightningdit
+    if family not in GENERATORS:
+        close = difflib.get_close_matches(str(family), list(GENERATORS), n=1)
+        raise UserError(f"model.family: unknown generator family {family!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else "") + f"; known: {', '.join(sorted(GENERATORS))}")
+    return GENERATORS[family].build(size, **cfg, **options)
 
-        return build_lightningdit(size, **cfg, **options)
-    if family == "ddt":
-        from generators.ddt import build_ddt
 
-        return build_ddt(size, **cfg, **options)
-    raise ValueError(f"unknown generator family {family!r}; known: lightningdit, ddt")
+def latent_mismatch(model_cfg: Any, latent_shape: tuple[int, int, int]) -> str | None:
+    """Why the model of `model_cfg`, built for latents [C, h, w], cannot take them (the family's own check,
+    a MismatchError of its constructor), or None when it can. Built on the meta device: no memory, no weights."""
+    c, h, _ = latent_shape
+    cfg = {**(to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)), "in_channels": c, "input_size": h}
+    try:
+        with torch.device("meta"):
+            build_generator(cfg)
+    except MismatchError as e:
+        return str(e)
+    return None
