@@ -6,7 +6,7 @@ from core.config import ConfigError, compose
 from core.images import iterate_images
 from core.log import read_jsonl
 from tokenizers.base import open_tokenizer
-from tokenizers import train as trainer
+from tokenizers import rae_train, train as trainer
 from tokenizers.base import load_tokenizer
 from tokenizers.discriminators import DINO_KEY_BLOCKS, DinoDiscriminator, diff_augment
 from tokenizers.losses import hinge_d_loss
@@ -32,7 +32,7 @@ def tiny_cfg(run_dir, *more):
 def test_few_steps_lower_reconstruction_loss():
     cfg = tiny_cfg("unused", "loss.perceptual_weight=0")
     torch.manual_seed(0)
-    family = trainer.RAEFamily(cfg)
+    family = rae_train.RAEFamily(cfg)
     tok = family.model.tokenizer
     images = family.view(next(iterate_images(family.source(cfg), 2)).images, None)
     assert images.shape == (2, 3, 32, 32) and tok.encode(images).shape == (2, 768, 2, 2)
@@ -79,7 +79,7 @@ def test_resume_equals_uninterrupted(tmp_path, killed_after_checkpoint):
         assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
         # The last step (index 5) ran at the scheduled rate: warm-up over 2 updates, cosine from 1e-3 to 1e-4 at step 6.
         k = 5 if name == "optimizer.bin" else 5 - 2
-        assert a["param_groups"][0]["lr"] == pytest.approx(1e-3 * trainer.warmup_cosine(k, 2, 6, 0.1))
+        assert a["param_groups"][0]["lr"] == pytest.approx(1e-3 * rae_train.warmup_cosine(k, 2, 6, 0.1))
 
     # The frozen encoder stays out of training checkpoints; the discriminator's heads and backbone are in model_1.
     assert all(k.startswith("decoder.") for k in load_file(str(whole / ckpt / "model.safetensors")))
@@ -93,7 +93,7 @@ def test_resume_equals_uninterrupted(tmp_path, killed_after_checkpoint):
     tok = load_tokenizer(whole / "tokenizer")
     ema = load_file(str(whole / ckpt / "ema.safetensors"))
     assert all(torch.equal(tok.decoder.state_dict()[k], v) for k, v in ema.items())
-    family = trainer.RAEFamily(tiny_cfg(tmp_path / "unused"))
+    family = rae_train.RAEFamily(tiny_cfg(tmp_path / "unused"))
     images = family.view(next(iterate_images(family.source(family.cfg), 2)).images, None)
     end = [m for m in metrics if "psnr_ema" in m][-1]["psnr_ema"]
     assert trainer.psnr(images, trainer.reconstruct(tok, images)) == pytest.approx(end, abs=1e-4)
@@ -111,7 +111,7 @@ def test_encoder_names_build_the_official_rae(name, spec, side, prefix):
     cfg = compose("tokenizer", "rae", None, [f"encoder={name}", "model.random_init=true", "data.image_size=256",
                                              "loss.perceptual_weight=0"])
     with torch.device("meta"):
-        family = trainer.RAEFamily(cfg)
+        family = rae_train.RAEFamily(cfg)
     enc = family.model.tokenizer.encoder
     assert (enc.timm_name, enc.image_size, enc.prefix_tokens) == (spec, side, prefix)
     assert family.model.tokenizer.latent_shape(256) == (768, 16, 16)
@@ -187,6 +187,6 @@ def test_discriminator_weights_file_must_exist(tmp_path):
 
 def test_schedule_matches_the_official_endpoints():
     # 16 epochs of 2502 steps, 1 warm-up epoch, 2e-4 -> 2e-5; the discriminator starts at epoch 6.
-    lr = lambda k: 2e-4 * trainer.warmup_cosine(k, 2502, 40032, 0.1)  # noqa: E731
+    lr = lambda k: 2e-4 * rae_train.warmup_cosine(k, 2502, 40032, 0.1)  # noqa: E731
     assert lr(0) == pytest.approx(2e-4 / 2502) and lr(2501) == pytest.approx(2e-4) and lr(40031) == pytest.approx(2e-5, rel=1e-3)
     assert lr(40031 - 15012) == pytest.approx(8.2e-5, abs=0.2e-5)  # the discriminator's last rate

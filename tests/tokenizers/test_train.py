@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 from core.config import ConfigError, compose
 from core.images import build_source
 from core.log import read_jsonl
-from tokenizers import train as trainer
+from tokenizers import train as trainer, vavae_train
 from tokenizers.base import load_tokenizer
 from tokenizers.losses import reconstruction_nll
 
@@ -32,7 +32,7 @@ def tiny_cfg(run_dir, *more):
 def test_few_steps_lower_reconstruction_loss():
     cfg = tiny_cfg("unused", "loss.perceptual_weight=0")
     torch.manual_seed(0)
-    family = trainer.VAVAEFamily(cfg)
+    family = vavae_train.VAVAEFamily(cfg)
     model = family.model
     images = torch.stack([build_source(cfg.data)[i][0] for i in range(4)])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3, betas=(0.5, 0.9))
@@ -49,7 +49,7 @@ def test_few_steps_lower_reconstruction_loss():
 
 def test_vf_features_match_latent_grid():
     cfg = tiny_cfg("unused", "loss.perceptual_weight=0")
-    family = trainer.VAVAEFamily(cfg)
+    family = vavae_train.VAVAEFamily(cfg)
     assert family.vf_encoder.image_size == 4 * 14  # 4x4 latent grid at patch 14
     tokens = family.vf_encoder(torch.zeros(2, 3, 32, 32))
     assert tokens.shape == (2, 16, 768) and family.model.linear_proj.weight.shape == (768, 4, 1, 1)

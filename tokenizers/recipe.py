@@ -1,0 +1,98 @@
+"""What the shared tokenizer training loop (tokenizers.train) asks of a family, and the families it can train.
+
+A family module (tokenizers/vavae_train.py, tokenizers/rae_train.py) subclasses `Family` and registers it
+with `@trainable(name)`; tokenizers.train imports those modules, so `python -m tokenizers.train <name>`
+finds it. The base class and the registry live here, not in tokenizers/train.py, because
+`python -m tokenizers.train` runs that file as `__main__`: a family module importing it would get a
+second copy with a second, empty registry.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from core.images import build_source
+from tokenizers.base import Tokenizer
+from tokenizers.discriminators import NLayerDiscriminator
+
+FAMILIES: dict[str, type["Family"]] = {}
+
+
+def trainable(name: str) -> Callable[[type["Family"]], type["Family"]]:
+    """Class decorator: `python -m tokenizers.train <name>` trains this family."""
+
+    def wrap(cls: type[Family]) -> type[Family]:
+        FAMILIES[name] = cls
+        return cls
+
+    return wrap
+
+
+class Family:
+    """What the shared loop asks of a tokenizer family; the defaults are LDM's recipe (VA-VAE).
+
+    A subclass sets `cfg` and `model` (the module the generator optimiser trains, holding the tokenizer
+    as `model.tokenizer`) and supplies `generator_loss` and `decoder_last_layer`; it overrides the rest
+    where its recipe differs.
+    """
+
+    cfg: DictConfig
+    model: nn.Module
+    disc_train_in_g_step = True  # LDM runs its discriminator in train mode in the generator step too
+    adaptive_eps = 1e-4  # in the denominator of LDM's adaptive GAN weight
+
+    def generator_loss(
+        self, model: nn.Module, raw: nn.Module, images: torch.Tensor, rng: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss without the GAN term, reconstruction loss the GAN weight balances, reconstructions, values to log)."""
+        raise NotImplementedError
+
+    def decoder_last_layer(self, raw: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def frozen(self) -> list[nn.Module]:
+        """Frozen networks outside `model`, moved to the device by the loop."""
+        return []
+
+    def random_networks(self) -> list[str]:
+        """Frozen networks running on random weights (tests and demos): recorded in the run's metrics."""
+        return []
+
+    @classmethod
+    def source(cls, cfg: DictConfig) -> Any:
+        """The training images (a class method: a missing data folder stops the run before any network is built)."""
+        return build_source(cfg.data)
+
+    def view(self, images: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        """The batch the step trains on (`rng` given) or the fixed sample images (`rng` None)."""
+        return images
+
+    def discriminator(self) -> nn.Module:
+        return NLayerDiscriminator(3, self.cfg.discriminator.channels, self.cfg.discriminator.layers)
+
+    def disc_update_start(self) -> int:
+        """First step of discriminator updates (the generator's GAN term starts at `loss.disc_start`)."""
+        return self.cfg.loss.disc_start
+
+    def disc_input(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """What the discriminator is shown of real or fake images."""
+        return images
+
+    def disc_fakes(self, raw: nn.Module, recon: torch.Tensor) -> torch.Tensor:
+        """The discriminator step's fakes, after the generator update: LDM reuses that step's reconstructions."""
+        return recon.detach()
+
+    def lr_factors(self, step: int) -> tuple[float, float]:
+        """Learning rates of the step, as fractions of `optim.lr` and `optim.disc_lr`: constant here."""
+        return 1.0, 1.0
+
+    def ema_source(self, raw: nn.Module) -> nn.Module:
+        """What the EMA averages."""
+        return raw.tokenizer
+
+    def as_tokenizer(self, ema_module: nn.Module) -> Tokenizer:
+        """The tokenizer with the EMA weights (samples, export)."""
+        return ema_module
