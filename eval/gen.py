@@ -33,7 +33,6 @@ from eval.metrics import compute_generation_metrics
 from eval.npz import ImageFiles, load_reference_batch, open_samples
 from eval.report import add_common_args, open_inception, prepare_out_dir, write_report
 
-CHUNK = 1000  # images per cached feature chunk
 GRID_ROWS, GRID_COLUMNS = 4, 8
 
 log = get_logger("eval.gen")
@@ -95,12 +94,12 @@ def main(argv: list[str]) -> dict:
         "reference": fingerprint(args.ref, ref_images),
         "reference_statistics": "stored" if stored else "computed from its images",
         "inception": extractor.label,
-        "chunk_size": CHUNK,
+        "chunk_size": args.chunk_size,
     })
-    sample_feats = features_from_images(samples, extractor, args.batch_size, out / "features" / "samples", CHUNK)
+    sample_feats = features_from_images(samples, extractor, args.batch_size, out / "features" / "samples", args.chunk_size)
     reference = dict(stored)
     if ref_images is not None:
-        ref_feats = features_from_images(ref_images, extractor, args.batch_size, out / "features" / "reference", CHUNK)
+        ref_feats = features_from_images(ref_images, extractor, args.batch_size, out / "features" / "reference", args.chunk_size)
         reference |= {"pool": ref_feats["pool"], "spatial": ref_feats["spatial"]}
     metrics = compute_generation_metrics(sample_feats, reference, is_real=extractor.is_real, kid=args.kid,
                                          kid_subset_size=args.kid_subset_size, device=args.device)

@@ -39,7 +39,6 @@ from eval.recon_metrics import LPIPS, ReconMetrics
 from eval.report import add_common_args, open_inception, prepare_out_dir, write_report
 from tokenizers.base import Tokenizer, open_tokenizer
 
-CHUNK = 1000  # images per cached chunk: what an interrupted run loses at most
 GRID = 8  # originals shown in the report, above their reconstructions
 
 log = get_logger("eval.recon")
@@ -164,16 +163,16 @@ def main(argv: list[str]) -> dict:
         "preprocessing": "ADM center crop (core.images); posterior mean; uint8 images",
         "inception": extractor.label,
         "lpips": lpips.label,
-        "chunk_size": CHUNK,
+        "chunk_size": args.chunk_size,
     })
     images = DataImages(source, count, args.batch_size, args.workers)
     recons = Reconstructions(images, tokenizer, lpips, args.device, out / "per_image")
     log.info("reconstructing %d images of %s with %s", count, args.data, args.tokenizer)
-    recon_feats = features_from_images(recons, extractor, args.batch_size, out / "features" / "reconstructions", CHUNK)
-    orig_feats = features_from_images(images, extractor, args.batch_size, out / "features" / "originals", CHUNK)
+    recon_feats = features_from_images(recons, extractor, args.batch_size, out / "features" / "reconstructions", args.chunk_size)
+    orig_feats = features_from_images(images, extractor, args.batch_size, out / "features" / "originals", args.chunk_size)
     rfid = frechet_distance(*stats(orig_feats["pool"]), *stats(recon_feats["pool"]))
     metrics = merge_metrics(
-        label_metrics({"rfid": rfid}, is_real=extractor.is_real), recons.per_image_metrics(CHUNK).result()
+        label_metrics({"rfid": rfid}, is_real=extractor.is_real), recons.per_image_metrics(args.chunk_size).result()
     )
 
     shown = min(GRID, count)

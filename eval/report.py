@@ -42,6 +42,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_batch_size: int) ->
         help="random weights for every pretrained network (Inception, LPIPS's VGG): a pipeline test, labelled so",
     )
     parser.add_argument("--batch-size", type=int, default=default_batch_size)
+    parser.add_argument("--chunk-size", type=int, default=1000,
+                        help="images per cached feature chunk: what an interrupted run computes again at most")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

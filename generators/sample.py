@@ -40,7 +40,6 @@ from generators.sampling import DenoiseFn, initial_noise, sample, sample_generat
 from latents.dataset import latent_decoder, load_latent_config
 
 log = get_logger("generators.sample")
-CHUNK = 500
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
@@ -55,6 +54,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     p.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
     p.add_argument("--labels", choices=["balanced", "random"], default="balanced")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--part-size", type=int, default=500,
+                   help="samples per part file: an interrupted run resumes after its last finished part")
     positional, preset, overrides = split_cli(argv)
     args = p.parse_args(positional)
     if args.run:
@@ -188,11 +189,11 @@ def main(argv: list[str]) -> None:
     decode = latent_decoder(load_latent_config(cfg.latent, cfg.get("preset")))
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
     if acc.is_main_process:
-        check_parts_setup(parts, {"num": args.num, "labels": args.labels, "model": to_dict(cfg.model),
+        check_parts_setup(parts, {"num": args.num, "part_size": args.part_size, "labels": args.labels, "model": to_dict(cfg.model),
                                   "sample": to_dict(cfg.sample), "latent": str(cfg.latent),
                                   "weights": args.official or str(finished_checkpoint(Path(args.checkpoint or args.run)))})
     acc.wait_for_everyone()
-    starts = list(range(0, args.num, CHUNK))
+    starts = list(range(0, args.num, args.part_size))
     mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
     for start in progress(mine, desc="sample", enabled=acc.is_main_process):
         part = parts / f"{start:08d}.npz"
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> None:
             continue
         if part.is_file():
             log.warning("sampling part again: %s", why)
-        images = sample_chunk(model, cfg, decode, np.arange(start, min(start + CHUNK, args.num)), labels,
+        images = sample_chunk(model, cfg, decode, np.arange(start, min(start + args.part_size, args.num)), labels,
                               args.batch_size, acc.device, guide)
         write_recorded(part, lambda tmp: save_npz(tmp, images=images))
     acc.wait_for_everyone()

@@ -41,14 +41,13 @@ def tokenizer_dir(tmp_path_factory):
 def recon_args(tokenizer_dir, root, out, *extra):
     return ["--tokenizer", str(tokenizer_dir), "--data", "imagenet_sample", f"data.root={root}",
             f"data.image_size={SIZE}", "--num", str(NUM), "--batch-size", "4", "--workers", "0", "--device", "cpu",
-            "--out", str(out), *extra]
+            "--out", str(out), "--chunk-size", "3", *extra]
 
 
 def run(argv, monkeypatch):
     """main() with small cache chunks (two chunks of 3 images), the recorded Fréchet distance and stdout captured."""
     frechet = FrechetRecorder(12.5)
     monkeypatch.setattr(recon, "frechet_distance", frechet)
-    monkeypatch.setattr(recon, "CHUNK", 3)
     monkeypatch.setattr(recon, "open_inception", lambda args: once(("inception", args.random_weights),
                                                                    lambda: open_inception(args)))
     monkeypatch.setattr(recon, "LPIPS", lambda random_weights, device: once(("lpips", random_weights),
