@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.errors import StateDictMismatch
 from core import faults
 
 
@@ -79,4 +80,4 @@ def check_keys(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]
             parts.append(
                 f"{len(wrong)} with wrong shapes (e.g. {k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)})"
             )
-        raise KeyError(f"{what}: state dict does not match the model: " + "; ".join(parts))
+        raise StateDictMismatch(f"{what}: state dict does not match the model: " + "; ".join(parts))

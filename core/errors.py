@@ -20,3 +20,17 @@ class CorruptFileError(UserError):
 
 class LockedError(UserError):
     """Another live process is writing the same run folder or store."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name (size, encoder, array) that a table does not hold; a KeyError too, for callers that look names up."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StateDictMismatch(MismatchError, KeyError):
+    """A checkpoint whose keys or shapes are not the model's; a KeyError too, as a failed key lookup."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

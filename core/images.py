@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from core.errors import UserError
 from core.log import get_logger
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -80,7 +81,7 @@ class ImageFolderSource(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.classes:
-            raise ValueError(f"{self.root} has no class folders (expected root/<class>/<image files>)")
+            raise UserError(f"{self.root} has no class folders (expected root/<class>/<image files>)")
         self.image_size = image_size
         self.files: list[Path] = []
         labels: list[int] = []
@@ -90,7 +91,7 @@ class ImageFolderSource(torch.utils.data.Dataset):
                     self.files.append(f)
                     labels.append(label)
         if not self.files:
-            raise ValueError(f"{self.root} holds no image files with extensions {sorted(IMAGE_EXTENSIONS)}")
+            raise UserError(f"{self.root} holds no image files with extensions {sorted(IMAGE_EXTENSIONS)}")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = len(self.classes)
 
@@ -120,12 +121,12 @@ class HDF5Source(torch.utils.data.Dataset):
         with h5py.File(self.path, "r") as f:
             for key in ("images", "labels"):
                 if key not in f:
-                    raise KeyError(f"{self.path} has no '{key}' dataset (found: {sorted(f.keys())})")
+                    raise UserError(f"{self.path} has no '{key}' dataset (found: {sorted(f.keys())})")
             self.labels = np.asarray(f["labels"][:], dtype=np.int64)
             self.encoded = f["images"].dtype.kind in ("O", "S", "V") or f["images"].ndim == 1
             n = len(f["images"])
         if n != len(self.labels):
-            raise ValueError(f"{self.path}: {n} images but {len(self.labels)} labels")
+            raise UserError(f"{self.path}: {n} images but {len(self.labels)} labels")
         self.image_size = image_size
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self._file = None  # opened lazily in each worker: h5py handles do not survive fork
@@ -220,7 +221,7 @@ def build_source(cfg: Any) -> torch.utils.data.Dataset:
         return HDF5Source(cfg["path"], cfg["image_size"])
     if kind == "synthetic":
         return SyntheticSource(cfg["num_images"], cfg["image_size"], cfg["num_classes"], cfg.get("seed", 0))
-    raise ValueError(f"unknown data kind {kind!r}; expected imagefolder, hdf5 or synthetic")
+    raise UserError(f"unknown data kind {kind!r}; expected imagefolder, hdf5 or synthetic")
 
 
 class Item(NamedTuple):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.errors import UnknownNameError, UserError
 from core.checkpoint import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -19,7 +20,7 @@ def check_uint8_nhwc(images: np.ndarray | torch.Tensor, what: str = "images") ->
     """Refuse anything but a uint8 [N, H, W, 3] array or tensor, the ADM sample layout."""
     dtype_ok = images.dtype in (np.uint8, torch.uint8)
     if not dtype_ok or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{what} must be uint8 [N, H, W, 3] (ADM layout), got {images.dtype} {tuple(images.shape)}")
+        raise UserError(f"{what} must be uint8 [N, H, W, 3] (ADM layout), got {images.dtype} {tuple(images.shape)}")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -59,7 +60,7 @@ def npz_array(path: str | Path, key: str) -> np.ndarray:
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         if f"{key}.npy" not in names:
-            raise KeyError(f"{path} has no array {key!r} (it holds {sorted(n.removesuffix('.npy') for n in names)})")
+            raise UnknownNameError(f"{path} has no array {key!r} (it holds {sorted(n.removesuffix('.npy') for n in names)})")
         info = zf.getinfo(f"{key}.npy")
     if info.compress_type != zipfile.ZIP_STORED:
         with np.load(path) as z:
@@ -105,7 +106,7 @@ class ImageFiles:
         images = [_read_rgb(p) for p in files]
         for p, im in zip(files, images):
             if im.shape != images[0].shape:
-                raise ValueError(f"{p} is {im.shape[1]}x{im.shape[0]}, {files[0].name} is {images[0].shape[1]}x{images[0].shape[0]}")
+                raise UserError(f"{p} is {im.shape[1]}x{im.shape[0]}, {files[0].name} is {images[0].shape[1]}x{images[0].shape[0]}")
         return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -122,7 +123,7 @@ def open_samples(path: str | Path) -> np.ndarray | ImageFiles:
     if not path.is_file():
         raise FileNotFoundError(f"no sample file or folder at {path}")
     if path.suffix != ".npz":
-        raise ValueError(f"samples must be an ADM .npz file or a folder of images, got {path}")
+        raise UserError(f"samples must be an ADM .npz file or a folder of images, got {path}")
     images = npz_array(path, "arr_0")
     check_uint8_nhwc(images, f"{path} arr_0")
     return images
@@ -143,10 +144,10 @@ def load_reference_batch(path: str | Path) -> dict[str, np.ndarray]:
         out = {k: z[k].astype(np.float64) for k in REFERENCE_STATS if k in keys}
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mu in out) != (sigma in out):
-            raise ValueError(f"{path} holds only one of {mu!r} and {sigma!r}")
+            raise UserError(f"{path} holds only one of {mu!r} and {sigma!r}")
     if "arr_0" in keys:
         out["arr_0"] = npz_array(path, "arr_0")
         check_uint8_nhwc(out["arr_0"], f"{path} arr_0")
     if not out:
-        raise ValueError(f"{path} holds none of {REFERENCE_STATS + ('arr_0',)} (it holds {sorted(keys)})")
+        raise UserError(f"{path} holds none of {REFERENCE_STATS + ('arr_0',)} (it holds {sorted(keys)})")
     return out

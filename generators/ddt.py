@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.checkpoint import load_torch_weights
+from core.errors import UnknownNameError, UserError
 from generators.layers import (
     zero_modulation_and_output,
     FinalLayer,
@@ -109,7 +110,7 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
     ):
         super().__init__()
         if patch_size != 1:
-            raise ValueError(f"DiT^DH works on 1x1 patches only (as the official model), got patch_size={patch_size}")
+            raise UserError(f"DiT^DH works on 1x1 patches only (as the official model), got patch_size={patch_size}")
         enc_width, head_width = hidden_size
         enc_heads, head_heads = (num_heads, num_heads) if isinstance(num_heads, int) else num_heads
         self.in_channels = in_channels
@@ -215,5 +216,5 @@ def build_ddt(name: str, **overrides) -> DiTwDDTHead:
     """
     key = name if name.startswith("DiTDH-") else f"DiTDH-{name}"
     if key not in PRESETS:
-        raise KeyError(f"unknown DiT^DH size {name!r}; choose from {sorted(PRESETS)}")
+        raise UnknownNameError(f"unknown DiT^DH size {name!r}; choose from {sorted(PRESETS)}")
     return DiTwDDTHead(**{**RELEASED_OPTIONS, **PRESETS[key], **overrides})

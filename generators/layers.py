@@ -14,6 +14,8 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from core.errors import UserError
+
 __all__ = [
     "RMSNorm",
     "make_norm",
@@ -117,7 +119,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, use_rmsnorm: bool = False):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+            raise UserError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)

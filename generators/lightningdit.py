@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import load_torch_weights
-from core.errors import MismatchError
+from core.errors import MismatchError, UnknownNameError
 from generators.layers import (
     zero_modulation_and_output,
     FinalLayer,
@@ -177,5 +177,5 @@ def build_lightningdit(name: str, **overrides) -> LightningDiT:
     """
     key = name if name.startswith("LightningDiT-") else f"LightningDiT-{name}"
     if key not in PRESETS:
-        raise KeyError(f"unknown LightningDiT size {name!r}; choose from {sorted(PRESETS)}")
+        raise UnknownNameError(f"unknown LightningDiT size {name!r}; choose from {sorted(PRESETS)}")
     return LightningDiT(**{**PRESETS[key], **RELEASED_OPTIONS, **overrides})

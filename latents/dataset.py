@@ -48,7 +48,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import ConfigError, named_config
-from core.errors import CorruptFileError
+from core.errors import CorruptFileError, MismatchError, UserError
 from core.images import default_workers
 from core.log import get_logger
 from latents.store import LatentStore, Stats, combined_stats, shard_problem
@@ -163,10 +163,10 @@ def open_stores(urls: list[str] | None) -> tuple[LatentStore, ...]:
     stores = tuple(LatentStore(url) for url in urls or ())
     for first, s in zip(stores, stores[1:]):
         if s.latent_shape != first.latent_shape or s.num_classes != first.num_classes:
-            raise ValueError(f"latent stores disagree: {first.url} has shape {first.latent_shape} and {first.num_classes} "
+            raise MismatchError(f"latent stores disagree: {first.url} has shape {first.latent_shape} and {first.num_classes} "
                              f"classes, {s.url} has {s.latent_shape} and {s.num_classes}")
         if s.tokenizer.get("name") != first.tokenizer.get("name") or s.tokenizer.get("config") != first.tokenizer.get("config"):
-            raise ValueError(f"latent stores {first.url} and {s.url} were made by different tokenizers")
+            raise MismatchError(f"latent stores {first.url} and {s.url} were made by different tokenizers")
     return stores
 
 
@@ -184,14 +184,14 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
         shape, num_classes, num_rows, tok_info = online_info(cfg)
         for s in stores:  # they supply the statistics of latents encoded here
             if s.latent_shape != shape:
-                raise ValueError(f"latent store {s.url} holds {s.latent_shape} latents, the online source makes {shape}")
+                raise MismatchError(f"latent store {s.url} holds {s.latent_shape} latents, the online source makes {shape}")
             check_made_by(tok_info, cfg.tokenizer, s)
     else:
         shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
     if cfg.stats and cfg.normalization == "store":
         std = official_normalizer(cfg).std
         if tuple(std.shape) not in (shape, (shape[0], 1, 1)):
-            raise ValueError(f"statistics {cfg.stats} are shaped {tuple(std.shape)}, the latents {shape}")
+            raise MismatchError(f"statistics {cfg.stats} are shaped {tuple(std.shape)}, the latents {shape}")
     return LatentInfo(shape, num_classes, num_rows, stores)
 
 
@@ -218,11 +218,11 @@ class BatchSchedule:
 
     def __init__(self, num_rows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
-            raise ValueError(f"global batch size {batch_size} is not divisible by the {world_size} processes")
+            raise UserError(f"global batch size {batch_size} is not divisible by the {world_size} processes")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if num_rows == 0:
-            raise ValueError("the latent source holds no valid rows")
+            raise UserError("the latent source holds no valid rows")
         self.num_rows, self.batch_size, self.local_batch_size = num_rows, batch_size, batch_size // world_size
         self.seed, self.rank = seed, rank
         self._perms: dict[int, np.ndarray] = {}
@@ -393,7 +393,7 @@ def cached_tokenizer(spec: str) -> tuple[Any, dict[str, Any]]:
 def check_made_by(tok_info: Mapping[str, Any], spec: str, store: LatentStore) -> None:
     made_by = store.tokenizer
     if tok_info["name"] != made_by.get("name") or tok_info["config"] != made_by.get("config"):
-        raise ValueError(f"tokenizer {spec} ({tok_info['name']}) is not the one that made {store.url} "
+        raise MismatchError(f"tokenizer {spec} ({tok_info['name']}) is not the one that made {store.url} "
                          f"({made_by.get('name')} with config {made_by.get('config')})")
 
 

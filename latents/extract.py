@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from core import cli
 from core.config import to_dict
 from core.data import data_epilog, load_data_config
-from core.errors import UserError
+from core.errors import MismatchError, UserError
 from core.images import Skipping, build_source, collate_items, default_workers
 from core.lock import WriterLock
 from core.log import JsonlWriter, get_logger
@@ -117,7 +117,7 @@ class ShardBuffer:
         finite = np.isfinite(lat).all(axis=(1, 2, 3)) & np.isfinite(flip).all(axis=(1, 2, 3))
         if not finite.all():
             bad = [w for w, ok in zip(where, finite) if not ok]
-            raise ValueError(f"non-finite latents in {self.latents.dtype} for {bad[:5]}; try --dtype float32")
+            raise UserError(f"non-finite latents in {self.latents.dtype} for {bad[:5]}; try --dtype float32")
         pos = np.asarray(rows) - self.start
         self.latents[pos], self.flips[pos], self.valid[pos] = lat, flip, True
 
@@ -156,7 +156,7 @@ def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: 
         group = None
     except ValueError:
         if not Path(out).is_dir() or any(Path(out).iterdir()):
-            raise ValueError(f"--out {out} exists and is not a latent store; choose another path or delete it") from None
+            raise UserError(f"--out {out} exists and is not a latent store; choose another path or delete it") from None
         group = None  # an empty folder
     if group is not None:
         zs.check_format(group, out)
@@ -168,7 +168,7 @@ def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: 
     diff = [k for k in RESUME_KEYS if _select(old, k) != _select(attrs, k)]
     if diff:
         details = "; ".join(f"{k}: store has {_select(old, k)!r}, this run {_select(attrs, k)!r}" for k in diff)
-        raise ValueError(f"{out} was made with other settings, so this run cannot resume it ({details}). "
+        raise MismatchError(f"{out} was made with other settings, so this run cannot resume it ({details}). "
                          "Use the same settings, another --out, or delete the store.")
     if old.get("complete"):
         return "complete"
@@ -204,7 +204,7 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     rank, world = acc.process_index, acc.num_processes
     out = str(out)
     if settings.sample_posterior and not hasattr(tokenizer, "posterior"):
-        raise ValueError(f"--sample-posterior: the {tokenizer.name} tokenizer has no posterior to sample")
+        raise UserError(f"--sample-posterior: the {tokenizer.name} tokenizer has no posterior to sample")
     image_size = int(data_cfg["image_size"])
     latent_shape = tokenizer.latent_shape(image_size)
     layout = zs.make_layout(len(source), latent_shape, settings.dtype, settings.shard_rows)

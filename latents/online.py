@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from core.errors import MismatchError
 from core.config import named_config, to_dict
 from core.images import Skipping, build_source
 from core.log import get_logger
@@ -56,7 +57,7 @@ def online_info(cfg: DictConfig) -> tuple[tuple[int, int, int], int, int, dict[s
     tok, tok_info = cached_tokenizer(str(cfg.tokenizer))
     expected = getattr(tok, "image_size", size)  # RAE is built for one image size; VA-VAE takes any multiple of 16
     if expected != size:
-        raise ValueError(f"tokenizer {cfg.tokenizer} encodes {expected} px images, the online data gives {size} px "
+        raise MismatchError(f"tokenizer {cfg.tokenizer} encodes {expected} px images, the online data gives {size} px "
                          "(set image_size in the data config)")
     return tuple(tok.latent_shape(size)), int(source.num_classes), len(source), tok_info
 

@@ -37,6 +37,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from core.errors import MismatchError, UserError
 from core import faults
 
 FORMAT = "latentkit.latent_store"
@@ -246,15 +247,15 @@ def open_group(url: str | Path, mode: str = "r") -> zarr.Group:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as e:
         if not exists:
             raise FileNotFoundError(f"no latent store at {url}") from e
-        raise ValueError(f"{url} is not a latent store: there is no Zarr group there") from e
+        raise UserError(f"{url} is not a latent store: there is no Zarr group there") from e
 
 
 def check_format(group: zarr.Group, url: str) -> None:
     fmt, version = group.attrs.get("format"), group.attrs.get("version")
     if fmt != FORMAT:
-        raise ValueError(f"{url} is not a latent store (its 'format' attribute is {fmt!r}, expected {FORMAT!r})")
+        raise UserError(f"{url} is not a latent store (its 'format' attribute is {fmt!r}, expected {FORMAT!r})")
     if version != VERSION:
-        raise ValueError(f"{url} is a latent store of format version {version}; this code reads version {VERSION}")
+        raise UserError(f"{url} is a latent store of format version {version}; this code reads version {VERSION}")
 
 
 class LatentStore:
@@ -268,7 +269,7 @@ class LatentStore:
         if not self.attrs.get("complete"):
             layout = self.layout
             done = len(finished_shards(self.group)) if self.attrs.get("ready") else 0
-            raise ValueError(
+            raise UserError(
                 f"latent store {self.url} is incomplete ({done} of {layout.num_shards} shards finished); finish it by "
                 f"running the extraction again with the same arguments: {self.attrs.get('command', 'python -m latents.extract ...')}"
             )
@@ -333,7 +334,7 @@ def combined_stats(stores: list[LatentStore]) -> Stats:
     total, total_sq, count = np.zeros_like(first.sum), np.zeros_like(first.sumsq), 0
     for store, s in zip(stores, all_stats):
         if s.kind != first.kind or (s.mean is None) != (first.mean is None) or s.sum.shape != first.sum.shape:
-            raise ValueError(f"cannot combine statistics of {stores[0].url} and {store.url}: different kind, shape or centring")
+            raise MismatchError(f"cannot combine statistics of {stores[0].url} and {store.url}: different kind, shape or centring")
         total += s.sum
         total_sq += s.sumsq
         count += s.count
