@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test demo demo-rae clean
+.PHONY: install test matrix demo demo-rae clean
 
 install: .venv/.installed
 
@@ -20,6 +20,10 @@ install: .venv/.installed
 
 test: install
 	$(PY) -m pytest
+
+# The README's tokenizer x generator table, rebuilt from the registries (tools/matrix.py; no weights needed).
+matrix: install
+	$(PY) tools/matrix.py --write
 
 # The README's commands, end to end on the synthetic set (configs/preset/demo.yaml).
 demo: install

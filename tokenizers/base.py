@@ -85,6 +85,32 @@ class Tokenizer(torch.nn.Module):
     def load_official(cls, path: str | Path, **kwargs: Any) -> "Tokenizer":
         raise NotImplementedError(f"{cls.name} has no official release loader")
 
+    # What the tokenizer x generator compatibility matrix (tests/test_matrix.py, tools/matrix.py) asks of a family.
+    # The official releases `load_official` reads, by variant.
+    releases: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def variants(cls) -> tuple[str, ...]:
+        """The family's variants whose latents differ (RAE: one per encoder); a single "" by default."""
+        return ("",)
+
+    @classmethod
+    def released_config(cls, variant: str = "") -> dict[str, Any]:
+        """Constructor keywords of the released model of `variant`; built on the meta device, it gives the shapes."""
+        raise NotImplementedError(f"{cls.name} names no released configuration")
+
+    @classmethod
+    def tiny_config(cls, variant: str, image_size: int) -> dict[str, Any]:
+        """Constructor keywords of a small model of the real architecture, for tests with random weights at `image_size`."""
+        raise NotImplementedError(f"{cls.name} has no tiny configuration")
+
+
+def shipped_tokenizers() -> dict[str, type[Tokenizer]]:
+    """The families that ship with latentkit, not stand-ins that tests register."""
+    import tokenizers.families  # noqa: F401  (registers every family)
+
+    return {n: c for n, c in TOKENIZERS.items() if c.__module__.startswith("tokenizers.")}
+
 
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.yaml"

@@ -182,6 +182,9 @@ class RAE(Tokenizer):
     """
 
     downsample = PATCH
+    # The released decoders (reference/rae_ditdh.md §1.4), by the encoder names of configs (tokenizers.rae_train).
+    releases = {"dinov2_b": ("decoders/dinov2/wReg_base/ViTXL_n08",),
+                "siglip2_b": ("decoders/siglip2/base_p16_i256/ViTXL_n08",), "mae_b": ("decoders/mae/base_p16/ViTXL_n08",)}
 
     def __init__(
         self,
@@ -265,6 +268,25 @@ class RAE(Tokenizer):
         model = cls(encoder=encoder, **config)
         model.load_official_decoder(load_torch_weights(path), what=f"RAE official decoder {path}")
         return model.eval()
+
+    @classmethod
+    def variants(cls) -> tuple[str, ...]:
+        from tokenizers.rae_train import RAE_ENCODERS  # not at the top: rae_train imports this module
+
+        return tuple(RAE_ENCODERS)
+
+    @classmethod
+    def released_config(cls, variant: str = "") -> dict[str, Any]:
+        from tokenizers.rae_train import RAE_ENCODERS
+
+        # random_init: the released encoder's weights are not needed for its shapes.
+        return dict(encoder=RAE_ENCODERS[variant], random_init=True)
+
+    @classmethod
+    def tiny_config(cls, variant: str, image_size: int) -> dict[str, Any]:
+        from tokenizers.rae_train import RAE_ENCODERS
+
+        return dict(encoder=RAE_ENCODERS[variant], decoder="tiny", image_size=image_size, random_init=True)
 
 
 def noise_augment(

@@ -11,12 +11,21 @@ from tokenizers.base import register
 from tokenizers.vavae import KLTokenizer
 
 
+# The architecture of stabilityai/sd-vae-ft-ema (its config.json): f8, 4 latent channels, attention in the mid block only.
+SD_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
+)
+
+
 @register("sdvae")
 class SDVAE(KLTokenizer):
     """A diffusers AutoencoderKL; `vae_config` is its diffusers config, so a saved folder is self-contained.
 
     Its `scaling_factor` / `shift_factor` are ignored: latent normalisation belongs to the latent store.
     """
+
+    releases = {"": ("stabilityai/sd-vae-ft-ema",)}
 
     def __init__(self, vae_config: dict[str, Any]):
         super().__init__()
@@ -41,6 +50,15 @@ class SDVAE(KLTokenizer):
             model = cls(dict(vae.config))
         model.vae = vae
         return model.eval()
+
+    @classmethod
+    def released_config(cls, variant: str = "") -> dict[str, Any]:
+        return {"vae_config": SD_VAE_CONFIG}
+
+    @classmethod
+    def tiny_config(cls, variant: str, image_size: int) -> dict[str, Any]:
+        return {"vae_config": {**SD_VAE_CONFIG, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
+                               "norm_num_groups": 8}}
 
 
 def _plain(value: Any) -> Any:

@@ -67,6 +67,8 @@ class KLTokenizer(Tokenizer):
 class VAVAE(KLTokenizer):
     """VA-VAE; the defaults are the official f16d32 model (69,836,067 parameters)."""
 
+    releases = {"": ("vavae-imagenet256-f16d32-dinov2",)}
+
     def __init__(
         self,
         block_out_channels: tuple[int, ...] | list[int] = (128, 128, 256, 256, 512),
@@ -114,6 +116,15 @@ class VAVAE(KLTokenizer):
         model = cls(**config)
         model.load_ldm_state_dict(state, what=f"VA-VAE official checkpoint {path}")
         return model.eval()
+
+    @classmethod
+    def released_config(cls, variant: str = "") -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def tiny_config(cls, variant: str, image_size: int) -> dict[str, Any]:
+        # Five levels as the official model (f16), so the latent grid is that of the release.
+        return dict(block_out_channels=[8, 8, 16, 16, 16], layers_per_block=1, latent_channels=8, norm_num_groups=8)
 
 
 # --- LDM <-> diffusers parameter names -------------------------------------------------------------
