@@ -72,7 +72,8 @@ def build_generator(model_cfg: Any) -> nn.Module:
 
 def latent_mismatch(model_cfg: Any, latent_shape: tuple[int, int, int]) -> str | None:
     """Why the model of `model_cfg`, built for latents [C, h, w], cannot take them (the family's own check,
-    a MismatchError of its constructor), or None when it can. Built on the meta device: no memory, no weights."""
+    a MismatchError of its constructor), or None when it can. Built on the meta device: no memory, no weights.
+    Every family takes square grids (`input_size`); generators.train.check_against_data refuses others."""
     c, h, _ = latent_shape
     cfg = {**(to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)), "in_channels": c, "input_size": h}
     try:
