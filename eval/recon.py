@@ -141,16 +141,16 @@ def main(argv: list[str]) -> dict:
     args, overrides = parse_data_overrides(p, argv)
     started = time.time()
 
+    data_cfg = load_data_config(args.data, overrides)  # a typo or a missing folder stops before any network loads
+    source = build_source(data_cfg)
+    count = len(source) if args.num is None else min(args.num, len(source))
+    if count < 2:
+        raise UserError(f"rFID needs at least 2 images, the data set gives {count}")
     extractor = open_inception(args)
     try:
         lpips = LPIPS(random_weights=args.random_weights or args.lpips_random, device=args.device)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (--lpips-random or --random-weights run a pipeline test)") from e
-    data_cfg = load_data_config(args.data, overrides)
-    source = build_source(data_cfg)
-    count = len(source) if args.num is None else min(args.num, len(source))
-    if count < 2:
-        raise UserError(f"rFID needs at least 2 images, the data set gives {count}")
     tokenizer, tok_info = open_tokenizer(args.tokenizer)
     tokenizer.to(args.device)
 
