@@ -14,7 +14,7 @@ from core import cli
 from core.data import data_epilog, load_data_config, parse_data_overrides
 from core.images import build_source, default_workers
 from core.log import get_logger
-from eval.npz import save_samples_npz
+from core.samples import save_samples_npz
 from eval.recon import DataImages
 
 log = get_logger("eval.make_ref")

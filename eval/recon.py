@@ -34,7 +34,7 @@ from core.log import get_logger
 from core.runtime import progress
 from eval.fid import features_from_images, frechet_distance, stats
 from eval.metrics import label_metrics, merge_metrics
-from eval.npz import to_uint8
+from core.samples import to_uint8
 from eval.recon_metrics import LPIPS, ReconMetrics
 from eval.report import add_common_args, open_inception, prepare_out_dir, write_report
 from tokenizers.base import Tokenizer, open_tokenizer

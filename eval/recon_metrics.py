@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from core.checkpoint import check_keys, load_torch_weights
 from core.log import get_logger
 from eval.metrics import label_metrics, merge_metrics
-from eval.npz import check_uint8_nhwc
+from core.samples import check_uint8_nhwc
 from tokenizers.losses import VGG16_FILE, lpips_lin_file, vgg16_path
 
 log = get_logger(__name__)

@@ -14,6 +14,7 @@ from torch import nn
 
 from core.checkpoint import load_torch_weights
 from core.errors import MismatchError, UnknownNameError
+from core.positions import sincos_pos_embed_2d
 from generators.layers import (
     zero_modulation_and_output,
     FinalLayer,
@@ -24,7 +25,6 @@ from generators.layers import (
     VisionRoPE2D,
     hidden_indices,
     run_block,
-    sincos_pos_embed_2d,
 )
 from generators.official import OfficialCheckpointMixin
 from generators.registry import Release, register

@@ -32,7 +32,7 @@ from core.integrity import check, problem, write_recorded
 from core.lock import WriterLock
 from core.log import get_logger
 from core.runtime import checkpoint_problems, latest_checkpoint, make_accelerator, progress
-from eval.npz import save_samples_npz, to_uint8
+from core.samples import save_samples_npz, to_uint8
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
 from generators.registry import build_generator

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core import cli
-from eval.npz import save_samples_npz
+from core.samples import save_samples_npz
 from latents.extract import main as extract_main
 
 REPO = Path(__file__).resolve().parents[1]

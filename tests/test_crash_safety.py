@@ -17,7 +17,7 @@ from core import cli
 from core.errors import CorruptFileError, LockedError
 from core.lock import WriterLock
 from core.runtime import latest_checkpoint
-from eval.npz import save_samples_npz
+from core.samples import save_samples_npz
 from fault_injection import Case, cheap_frechet, kill_and_rerun
 from latents import store as zs
 from latents.extract import main as extract_main

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from core.checkpoint import save_safetensors
-from core.errors import UserError
+from core.errors import MismatchError, UserError
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
 
@@ -71,9 +71,9 @@ class Tokenizer(torch.nn.Module):
         cfg = read_config(folder)
         family = cfg.pop("family", None)
         if family != cls.name and cls is not Tokenizer:
-            raise ValueError(f"{folder} holds a '{family}' tokenizer, not '{cls.name}'")
+            raise MismatchError(f"{folder} holds a '{family}' tokenizer, not '{cls.name}'")
         if family not in TOKENIZERS:
-            raise ValueError(f"{folder}: unknown tokenizer family {family!r}; known: {sorted(TOKENIZERS)}")
+            raise UserError(f"{folder}: unknown tokenizer family {family!r}; known: {sorted(TOKENIZERS)}")
         model = TOKENIZERS[family].from_config(cfg)
         model.load_saved_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()

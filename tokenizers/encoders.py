@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
+from core.errors import UnknownNameError, UserError
 from core.log import get_logger
 
 log = get_logger(__name__)
@@ -113,7 +114,7 @@ def build_encoder(
     normalize: map [-1, 1] pixels to the encoder's mean/std (VA-VAE's VF loss feeds raw [-1, 1]).
     """
     if name not in ENCODERS:
-        raise KeyError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+        raise UnknownNameError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
     if weights is not None and random_init:
         raise ValueError("give either weights or random_init=True, not both")
     if resize_mode not in RESIZE_MODES:
@@ -121,7 +122,7 @@ def build_encoder(
     spec = ENCODERS[name]
     image_size = img_size or spec.image_size
     if image_size % spec.patch_size:
-        raise ValueError(f"{name}: image size {image_size} is not a multiple of the patch size {spec.patch_size}")
+        raise UserError(f"{name}: image size {image_size} is not a multiple of the patch size {spec.patch_size}")
 
     # dynamic_img_size: the position embedding is resampled to the token grid at every forward, as
     # the official VA-VAE VF loss does for DINOv2 at 224 px; the pretrained table is loaded unchanged.

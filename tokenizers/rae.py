@@ -24,7 +24,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from core.checkpoint import check_keys, load_torch_weights
-from generators.layers import sincos_pos_embed_2d
+from core.errors import UnknownNameError, UserError
+from core.positions import sincos_pos_embed_2d
 from tokenizers.base import Tokenizer, register
 from tokenizers.encoders import ENCODERS, FrozenEncoder, build_encoder
 
@@ -53,9 +54,9 @@ def build_rae_encoder(
 ) -> FrozenEncoder:
     """The frozen encoder as RAE uses it: one token per 16 px of ``image_size``, final LN without affine."""
     if name not in ENCODERS:
-        raise KeyError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+        raise UnknownNameError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
     if image_size % PATCH:
-        raise ValueError(f"RAE image size must be a multiple of {PATCH}, got {image_size}")
+        raise UserError(f"RAE image size must be a multiple of {PATCH}, got {image_size}")
     grid = image_size // PATCH
     enc = build_encoder(name, weights=weights, random_init=random_init, img_size=grid * ENCODERS[name].patch_size)
     model = enc.model
@@ -196,7 +197,7 @@ class RAE(Tokenizer):
     ):
         super().__init__()
         if decoder not in DECODERS:
-            raise KeyError(f"unknown RAE decoder size {decoder!r}; choose from {sorted(DECODERS)}")
+            raise UnknownNameError(f"unknown RAE decoder size {decoder!r}; choose from {sorted(DECODERS)}")
         self.config = dict(
             encoder=encoder,
             decoder=decoder,
@@ -262,7 +263,7 @@ class RAE(Tokenizer):
         with the wrong encoder would load strictly and decode garbage.
         """
         if encoder is None:
-            raise ValueError(f"RAE.load_official({str(path)!r}) needs the encoder its decoder was trained with: "
+            raise UserError(f"RAE.load_official({str(path)!r}) needs the encoder its decoder was trained with: "
                              f"one of {sorted(ENCODERS)} (the releases use dinov2_b_reg, siglip2_b, mae_b); "
                              f"on the command line: --tokenizer rae:{path},encoder=dinov2_b_reg")
         model = cls(encoder=encoder, **config)
@@ -315,10 +316,10 @@ def load_official_stats(path: str | Path) -> tuple[np.ndarray | None, np.ndarray
     state = load_torch_weights(path)
     if not isinstance(state, dict) or not isinstance(state.get("var"), torch.Tensor):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not an RAE statistics file ({{'mean': Tensor or None, 'var': Tensor}}); got {keys}")
+        raise UserError(f"{path} is not an RAE statistics file ({{'mean': Tensor or None, 'var': Tensor}}); got {keys}")
     var = state["var"].float()
     mean = state.get("mean")
     if mean is not None and tuple(mean.shape) != tuple(var.shape):
-        raise ValueError(f"{path}: mean {tuple(mean.shape)} and var {tuple(var.shape)} differ in shape")
+        raise UserError(f"{path}: mean {tuple(mean.shape)} and var {tuple(var.shape)} differ in shape")
     std = torch.sqrt(var + STATS_EPS)
     return (None if mean is None else mean.float().numpy()), std.numpy()

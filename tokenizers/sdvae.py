@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
+from core.errors import StateDictMismatch
 from tokenizers.base import register
 from tokenizers.vavae import KLTokenizer
 
@@ -45,7 +46,7 @@ class SDVAE(KLTokenizer):
         vae, info = AutoencoderKL.from_pretrained(path, output_loading_info=True)
         bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
         if bad:
-            raise KeyError(f"{path}: weights do not match the AutoencoderKL config: {bad}")
+            raise StateDictMismatch(f"{path}: weights do not match the AutoencoderKL config: {bad}")
         with torch.device("meta"):  # the weights come from the folder: skip a random initialisation
             model = cls(dict(vae.config))
         model.vae = vae

@@ -18,7 +18,7 @@ import eval.metrics
 from core.errors import UserError
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER
-from eval.npz import save_samples_npz
+from core.samples import save_samples_npz
 from eval.report import open_inception
 
 from cli_fakes import FrechetRecorder, once

@@ -3,15 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.npz import (
-    ImageFiles,
-    load_reference_batch,
-    load_samples,
-    npz_array,
-    open_samples,
-    save_samples_npz,
-    to_uint8,
-)
+from core.samples import save_samples_npz, to_uint8
+from eval.npz import ImageFiles, load_reference_batch, load_samples, npz_array, open_samples
 
 
 def _images(n=5, h=6, w=4, seed=0):

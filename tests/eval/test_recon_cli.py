@@ -19,7 +19,7 @@ from core.errors import UserError
 from core.images import ImageFolderSource
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures, stats
 from eval.metrics import PIPELINE_TEST_HEADER
-from eval.npz import to_uint8
+from core.samples import to_uint8
 from eval.recon_metrics import LPIPS, psnr
 from eval.report import open_inception
 from tokenizers.base import load_tokenizer

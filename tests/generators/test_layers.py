@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.positions import sincos_pos_embed_2d
 from generators.layers import (
     Attention,
     LabelEmbedder,
@@ -12,7 +13,6 @@ from generators.layers import (
     VisionRoPE2D,
     make_ffn,
     modulate,
-    sincos_pos_embed_2d,
     timestep_embedding,
 )
 
