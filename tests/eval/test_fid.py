@@ -1,15 +1,23 @@
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
 
+import eval.fid
+from core.errors import UserError
 from eval.fid import (
+    SQRT_RTOL,
     WEIGHTS_ENV,
     WEIGHTS_FILENAME,
     InceptionFeatures,
+    MatrixSqrtError,
     features_from_images,
     find_weights,
     frechet_distance,
     inception_layout,
+    linalg_libraries,
     random_state_dict,
     stats,
 )
@@ -57,6 +65,61 @@ def test_fid_refuses_bad_statistics():
         frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="do not match"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_the_check_of_the_square_root_agrees_on_normal_statistics():
+    d = 64
+    for n in (20, 64, 300):  # fewer features than dimensions gives singular covariances, where sqrtm is least accurate
+        f1, f2 = _features(n, d, seed=n), _features(n, d, shift=0.3, seed=n + 1)
+        (mu1, s1), (mu2, s2) = stats(f1), stats(f2)
+        # exact for any rank: tr((Σ1Σ2)^½) is the sum of the singular values of X1·X2ᵀ/(n-1) (X: centred features)
+        x1, x2 = f1 - f1.mean(0), f2 - f2.mean(0)
+        exact = np.linalg.svd(x1 @ x2.T / (n - 1), compute_uv=False).sum()
+        assert eval.fid._trace_sqrt_product(s1, s2) == pytest.approx(exact, rel=1e-12)
+        fid = frechet_distance(mu1, s1, mu2, s2)
+        assert fid == pytest.approx(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * exact,
+                                    abs=2 * SQRT_RTOL * (np.trace(s1) + np.trace(s2)))
+
+
+SQRTM = eval.fid.linalg.sqrtm
+
+
+def _sqrtm_off_by(monkeypatch, trace_error):
+    """scipy's sqrtm returning a root whose trace is off by ``trace_error``, as a broken BLAS would."""
+    monkeypatch.setattr(eval.fid.linalg, "sqrtm", lambda a: SQRTM(a) + np.eye(len(a)) * trace_error / len(a))
+
+
+def test_a_wrong_square_root_is_refused(monkeypatch):
+    (mu1, s1), (mu2, s2) = stats(_features(d=64, seed=0)), stats(_features(d=64, seed=1, shift=0.3))
+    scale = np.trace(s1) + np.trace(s2)
+    right = frechet_distance(mu1, s1, mu2, s2)
+    _sqrtm_off_by(monkeypatch, 0.1 * SQRT_RTOL * scale)  # round-off: reported
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(right, abs=0.3 * SQRT_RTOL * scale)
+    _sqrtm_off_by(monkeypatch, 10 * SQRT_RTOL * scale)
+    with pytest.raises(MatrixSqrtError) as err:
+        frechet_distance(mu1, s1, mu2, s2)
+    assert isinstance(err.value, UserError)
+    message = str(err.value)
+    expected = eval.fid._trace_sqrt_product(s1, s2)
+    assert f"{expected + 10 * SQRT_RTOL * scale:.10g} by scipy.linalg.sqrtm" in message
+    assert f"{expected:.10g} from the eigenvalues" in message
+    assert f"numpy {np.__version__}" in message and "scipy" in message
+
+    monkeypatch.setattr(eval.fid.linalg, "sqrtm", lambda a: np.full_like(a, np.nan))  # even after the eps retry
+    with pytest.warns(UserWarning, match="singular"), pytest.raises(MatrixSqrtError, match="nan by scipy"):
+        frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_linalg_libraries_names_the_builds_and_the_loaded_library(monkeypatch):
+    import scipy
+
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # not installed
+    plain = linalg_libraries()
+    assert f"numpy {np.__version__}" in plain and f"scipy {scipy.__version__}" in plain and "loaded" not in plain
+    info = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3.21", "architecture": "SkylakeX",
+             "filepath": "/x/libopenblas.so"}, {"user_api": "openmp", "internal_api": "openmp"}]
+    monkeypatch.setitem(sys.modules, "threadpoolctl", types.SimpleNamespace(threadpool_info=lambda: info))
+    assert linalg_libraries() == plain + "; loaded: openblas 0.3.21 SkylakeX (/x/libopenblas.so)"
 
 
 # ----------------------------------------------------------------------------- weights
