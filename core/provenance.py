@@ -1,4 +1,5 @@
-"""What a recorded number depends on that no config holds: the version of this code."""
+"""What a recorded number depends on that no config holds: the version of this code, and where a file's
+record of how it was made lies (``generators.sample`` writes one beside its samples, ``eval.gen`` reads it)."""
 from __future__ import annotations
 
 import subprocess
@@ -25,3 +26,9 @@ def code_version() -> dict[str, str | bool]:
         return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": "unknown"}
+
+
+def provenance_file(path: str | Path) -> Path:
+    """The JSON record of how ``path`` was made: ``samples.npz`` -> ``samples.npz.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")

@@ -15,10 +15,14 @@ stops when the reference has no images). The output says which statistics were u
 
 Samples: ADM ``.npz`` (``arr_0`` uint8 NHWC, e.g. from ``generators.sample``) or a folder of PNG/JPEG
 files, all of them, in order (ADM: no shuffling; 50k for the standard protocol). Out folder (default
-runs/eval/gen_<samples>_<ref>): see eval.report; both feature sets are cached there.
+runs/eval/gen_<samples>_<ref>): see eval.report; both feature sets are cached there. Its metrics.json
+records the sha256 of the samples and of the reference and, for samples of ``generators.sample``, the
+record it left beside them (``samples.npz.json``: labels, sampler, steps, guidance, weights, seed).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,9 @@ import numpy as np
 
 from core import cli
 from core.errors import UserError
+from core.integrity import sha256_file
 from core.log import get_logger
+from core.provenance import provenance_file
 from eval.fid import features_from_images
 from eval.metrics import compute_generation_metrics
 from eval.npz import ImageFiles, load_reference_batch, open_samples
@@ -57,6 +63,31 @@ def fingerprint(path: Path, opened: np.ndarray | ImageFiles | None) -> dict[str,
         return {"path": str(path), "files": len(files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}
     st = path.stat()
     return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def sha256_of(path: Path, opened: np.ndarray | ImageFiles | None) -> str:
+    """sha256 of a file; of a folder of images, that of its ``sha256sum`` listing (``<hash>  <name>``) in name order."""
+    if isinstance(opened, ImageFiles):
+        return hashlib.sha256("".join(f"{sha256_file(f)}  {f.name}\n" for f in opened.files).encode()).hexdigest()
+    return sha256_file(path)
+
+
+def samples_provenance(path: Path, sha256: str) -> dict[str, Any] | str:
+    """How the samples were made, as generators.sample recorded it beside them, or why that is unknown.
+
+    A record naming other bytes (the samples were replaced after it was written) is not believed.
+    """
+    record = provenance_file(path)
+    if path.is_dir() or not record.is_file():
+        return "unknown: samples not made by generators.sample"
+    try:
+        made = json.loads(record.read_text())
+    except ValueError:
+        return f"unknown: {record} is not readable JSON"
+    if not isinstance(made, dict) or made.get("samples_sha256") != sha256:
+        log.warning("%s describes other samples than %s: their provenance is unknown", record, path)
+        return f"unknown: {record} does not describe these samples (sha256 {sha256})"
+    return made
 
 
 def main(argv: list[str]) -> dict:
@@ -104,8 +135,16 @@ def main(argv: list[str]) -> dict:
     metrics = compute_generation_metrics(sample_feats, reference, is_real=extractor.is_real, kid=args.kid,
                                          kid_subset_size=args.kid_subset_size, device=args.device)
 
-    notes = [f"{len(samples)} samples from {args.samples}", ref_note, f"Inception: {extractor.label}"]
-    text = write_report(out, f"Generation: {args.samples} vs {args.ref}", metrics, setup, notes,
+    log.info("hashing the samples and the reference for the record")
+    samples_sha256 = sha256_of(args.samples, samples)
+    made = samples_provenance(args.samples, samples_sha256)
+    provenance = {
+        "samples": {"path": str(args.samples.resolve()), "sha256": samples_sha256, "made_by": made},
+        "reference": {"path": str(args.ref.resolve()), "sha256": sha256_of(args.ref, ref_images)},
+    }
+    notes = [f"{len(samples)} samples from {args.samples}", ref_note, f"Inception: {extractor.label}",
+             made if isinstance(made, str) else f"samples: made by generators.sample ({provenance_file(args.samples)})"]
+    text = write_report(out, f"Generation: {args.samples} vs {args.ref}", metrics, setup, provenance, notes,
                         np.asarray(samples[: GRID_ROWS * GRID_COLUMNS]), GRID_COLUMNS, "First samples")
     print(text)
     print(ref_note)

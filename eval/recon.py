@@ -180,7 +180,8 @@ def main(argv: list[str]) -> dict:
     notes = [f"{count} images; rFID: Inception pool features of the reconstructions vs. the originals",
              f"Inception: {extractor.label}; LPIPS: {lpips.label}"]
     grid = np.concatenate([originals, reconstructed])
-    text = write_report(out, f"Reconstruction: {args.tokenizer} on {args.data}", metrics, setup, notes,
+    # The tokenizer's sha256, the data config and the image count are in the setup; write_report adds the code version.
+    text = write_report(out, f"Reconstruction: {args.tokenizer} on {args.data}", metrics, setup, {}, notes,
                         grid, shown, "Originals (top) and reconstructions (bottom)")
     print(text)
     log.info("wrote %s (%.0f s)", out / "report.md", time.time() - started)

@@ -5,7 +5,8 @@ Out folder of an evaluation:
   cache only when its setup is the same, so an interrupted evaluation resumes and a changed one
   cannot silently mix old features into new numbers;
 - ``features/``: Inception features per chunk of images (``eval.fid.features_from_images``);
-- ``metrics.json``: ``{"metrics": <labelled metrics>, "setup": ..., "notes": [...]}``;
+- ``metrics.json``: ``{"metrics": <labelled metrics>, "setup": ..., "provenance": ..., "notes": [...]}``
+  (provenance: the code version, and what ``write_report``'s caller adds);
 - ``report.md`` with ``grid.png``: the table and an image grid.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from core.checkpoint import atomic_path
 from core.errors import UserError
 from core.lock import WriterLock
 from core.log import get_logger
+from core.provenance import code_version
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER, format_metrics
 
@@ -88,16 +90,21 @@ def save_grid(images: np.ndarray, path: Path, columns: int) -> None:
 
 
 def write_report(
-    out: Path, title: str, metrics: Mapping[str, Any], setup: Mapping[str, Any], notes: list[str],
-    grid: np.ndarray, grid_columns: int, grid_caption: str,
+    out: Path, title: str, metrics: Mapping[str, Any], setup: Mapping[str, Any], provenance: Mapping[str, Any],
+    notes: list[str], grid: np.ndarray, grid_columns: int, grid_caption: str,
 ) -> str:
     """Write metrics.json, grid.png and report.md; return the metrics as printed (``format_metrics``).
 
     ``format_metrics`` refuses metrics without pipeline-test labels, so nothing unlabelled is written.
+    ``provenance``: what the numbers depend on beyond ``setup`` (input hashes, how the samples were made);
+    the code version is added here, so that every metrics.json has it. It stays out of ``setup``, which
+    decides whether cached features are reused, so that a commit does not throw hours of features away.
     """
     text = format_metrics(metrics)
+    provenance = {"code_version": code_version(), **provenance}
     with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"metrics": dict(metrics), "setup": dict(setup), "notes": notes}, indent=2))
+        tmp.write_text(json.dumps({"metrics": dict(metrics), "setup": dict(setup), "provenance": provenance,
+                                   "notes": notes}, indent=2))
     save_grid(grid, out / "grid.png", grid_columns)
     value = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)
     lines = [f"# {title}", ""]
@@ -107,7 +114,8 @@ def write_report(
     lines += [f"| {k} | {value(v)} |" for k, v in metrics.items() if k != "pipeline_test"]
     lines += [""] + [f"- {n}" for n in notes]
     lines += ["", f"## {grid_caption}", "", "![grid](grid.png)", "", "## Setup", "", "```json",
-              json.dumps(dict(setup), indent=2), "```", ""]
+              json.dumps(dict(setup), indent=2), "```", "", "## Provenance", "", "```json",
+              json.dumps(provenance, indent=2), "```", ""]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
     return text

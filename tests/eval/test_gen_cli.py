@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +16,10 @@ from PIL import Image
 
 import eval.gen as gen
 import eval.metrics
+import eval.report
 from core.errors import UserError
+from core.integrity import sha256_file
+from core.provenance import provenance_file
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER
 from core.samples import save_samples_npz
@@ -24,6 +28,7 @@ from eval.report import open_inception
 from cli_fakes import FrechetRecorder, once
 
 NUM = 6
+CODE = {"commit": "c0ffee", "dirty": False}  # others commit in this checkout while tests run: a fixed version
 
 
 def images(seed, size=32):
@@ -36,6 +41,7 @@ def images(seed, size=32):
 def run(argv, monkeypatch):
     frechet = FrechetRecorder(7.25)
     monkeypatch.setattr(eval.metrics, "frechet_distance", frechet)
+    monkeypatch.setattr(eval.report, "code_version", lambda: CODE)
     monkeypatch.setattr(gen, "open_inception", lambda args: once(
         ("inception", args.inception_weights, args.random_weights), lambda: open_inception(args)))
     stdout = io.StringIO()
@@ -111,6 +117,41 @@ def test_changed_samples_are_refused(first_run, inputs, monkeypatch):
     argv[argv.index("--samples") + 1] = str(changed)
     with pytest.raises(UserError, match="other settings.*samples"):
         run(argv, monkeypatch)
+
+
+def test_metrics_record_the_code_and_the_inputs(first_run, inputs):
+    out = first_run[1]
+    provenance = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert provenance["code_version"] == CODE
+    samples = inputs / "samples.npz"
+    assert provenance["samples"] == {"path": str(samples.resolve()), "sha256": sha256_file(samples),
+                                     "made_by": "unknown: samples not made by generators.sample"}
+    # a folder's hash is that of its `sha256sum` listing, so anyone can check it with coreutils
+    listing = subprocess.run("sha256sum *.png | sha256sum", shell=True, cwd=inputs / "pngs", capture_output=True,
+                             text=True, check=True).stdout.split()[0]
+    assert provenance["reference"] == {"path": str((inputs / "pngs").resolve()), "sha256": listing}
+    assert "unknown: samples not made by generators.sample" in (out / "report.md").read_text()
+
+
+def test_the_record_of_generators_sample_goes_into_metrics_json(first_run, inputs, tmp_path, monkeypatch):
+    samples = tmp_path / "made.npz"
+    shutil.copy(inputs / "samples.npz", samples)
+    made = {"command": "generators.sample", "num_samples": NUM, "labels": "random",
+            "sample": {"method": "euler", "steps": 4, "cfg_scale": 1.5, "seed": 3}, "samples_sha256": sha256_file(samples)}
+    provenance_file(samples).write_text(json.dumps(made))
+    out = tmp_path / "out"
+    for part in ("samples", "reference"):  # the same images: Inception is slow here
+        shutil.copytree(first_run[1] / "features" / part, out / "features" / part)
+    run(["--samples", str(samples), "--ref", str(inputs / "pngs"), "--out", str(out), "--random-weights"], monkeypatch)
+    saved = json.loads((out / "metrics.json").read_text())["provenance"]["samples"]
+    assert saved == {"path": str(samples.resolve()), "sha256": made["samples_sha256"], "made_by": made}
+    assert f"samples: made by generators.sample ({provenance_file(samples)})" in (out / "report.md").read_text()
+
+    save_samples_npz(samples, images(1))  # replaced after the record was written: it is not believed
+    assert gen.samples_provenance(samples, sha256_file(samples)).startswith(
+        f"unknown: {provenance_file(samples)} does not describe these samples")
+    provenance_file(samples).write_text("{")
+    assert gen.samples_provenance(samples, sha256_file(samples)) == f"unknown: {provenance_file(samples)} is not readable JSON"
 
 
 def test_stored_statistics_are_not_compared_with_random_features(first_run, inputs, monkeypatch):

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 import eval.recon as recon
+import eval.report
 from core.errors import UserError
+from core.integrity import sha256_file
 from core.images import ImageFolderSource
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures, stats
 from eval.metrics import PIPELINE_TEST_HEADER
@@ -28,6 +30,7 @@ from tokenizers.vavae import VAVAE
 from cli_fakes import NETWORKS, FrechetRecorder, once
 
 NUM, SIZE = 6, 32
+CODE = {"commit": "c0ffee", "dirty": True}  # others commit in this checkout while tests run: a fixed version
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,7 @@ def run(argv, monkeypatch):
     """main() with small cache chunks (two chunks of 3 images), the recorded Fréchet distance and stdout captured."""
     frechet = FrechetRecorder(12.5)
     monkeypatch.setattr(recon, "frechet_distance", frechet)
+    monkeypatch.setattr(eval.report, "code_version", lambda: CODE)
     monkeypatch.setattr(recon, "open_inception", lambda args: once(("inception", args.random_weights),
                                                                    lambda: open_inception(args)))
     monkeypatch.setattr(recon, "LPIPS", lambda random_weights, device: once(("lpips", random_weights),
@@ -80,6 +84,15 @@ def test_outputs_are_labelled_pipeline_tests(first_run):
     assert PIPELINE_TEST_HEADER in report and "| rfid_pipeline_test | 12.5 |" in report
     with Image.open(out / "grid.png") as grid:  # the originals over their reconstructions, 2 px padding
         assert grid.size == (NUM * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
+
+
+def test_metrics_record_the_tokenizer_data_and_code(first_run, tokenizer_dir):
+    root, out = first_run[:2]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["provenance"] == {"code_version": CODE}
+    assert saved["setup"]["tokenizer"]["checkpoint_sha256"] == sha256_file(tokenizer_dir / "model.safetensors")
+    assert saved["setup"]["num_images"] == NUM
+    assert saved["setup"]["data"]["root"] == str(root) and saved["setup"]["data"]["image_size"] == SIZE
 
 
 def test_metrics_equal_an_independent_computation(first_run, tokenizer_dir):
