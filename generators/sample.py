@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from typing import Callable
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,10 @@ from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.cli import UsageError
 from core.config import apply_overrides, compose, parse_overrides, split_cli, to_dict
 from core.errors import CorruptFileError, MismatchError, UserError
-from core.integrity import check, problem, write_recorded
+from core.integrity import check, problem, sha256_file, write_recorded
 from core.lock import WriterLock
 from core.log import get_logger
+from core.provenance import code_version, provenance_file
 from core.runtime import checkpoint_problems, latest_checkpoint, make_accelerator, progress
 from core.samples import save_samples_npz, to_uint8
 from generators.guidance import cfg as cfg_guidance
@@ -177,6 +178,40 @@ def sample_chunk(model, cfg: DictConfig, decode: Callable[[torch.Tensor], torch.
     return np.concatenate(out)
 
 
+def sample_provenance(args: argparse.Namespace, cfg: DictConfig) -> dict[str, Any]:
+    """What the samples depend on, for their record `<out>.json` (eval.gen puts it in metrics.json): the
+    generator's and guide's weights with their sha256, the labels, every sampling setting, the code version.
+
+    Taken before sampling, so a run that saves a newer checkpoint meanwhile is not named for the one used.
+    """
+    if args.official:
+        generator = {"official_file": str(Path(args.official).resolve()), "sha256": sha256_file(args.official),
+                     "ema": "unknown: official file (its 'ema' entry is used if it has one)"}
+    else:
+        ckpt = finished_checkpoint(Path(args.checkpoint or args.run)).resolve()
+        generator = {"run": str(Path(args.run).resolve()), "checkpoint": str(ckpt), "ema": True,
+                     "sha256": sha256_file(ckpt / "ema.safetensors")}
+    ag = cfg.sample.get("autoguidance")
+    guide = None
+    if ag is not None and ag.guide:
+        weights = Path(ag.guide) if Path(ag.guide).is_file() else finished_checkpoint(Path(ag.guide)) / "ema.safetensors"
+        guide = {"weights": str(weights.resolve()), "sha256": sha256_file(weights)}
+    return {
+        "command": "generators.sample",
+        "num_samples": args.num,
+        "labels": args.labels,  # balanced: sample i has class i mod num_classes; random: drawn with sample.seed
+        "num_classes": cfg.model.num_classes,
+        # sampler, steps, shift, seed, CFG scale/interval/channels, AutoGuidance; the grid_* keys only shape training grids
+        "sample": {k: v for k, v in to_dict(cfg.sample).items() if not k.startswith("grid_")},
+        "generator": generator,
+        "guide": guide,
+        "model": to_dict(cfg.model),
+        "latent": str(cfg.latent),
+        "preset": cfg.get("preset"),
+        "code_version": code_version(),
+    }
+
+
 def main(argv: list[str]) -> None:
     args, cfg = parse(argv)
     acc = make_accelerator("no")
@@ -186,6 +221,7 @@ def main(argv: list[str]) -> None:
     model = load_model(args, cfg).to(acc.device)
     guide = load_guide(cfg)
     guide = guide.to(acc.device) if guide is not None else None
+    provenance = sample_provenance(args, cfg) if acc.is_main_process else None
     decode = latent_decoder(load_latent_config(cfg.latent, cfg.get("preset")))
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
     if acc.is_main_process:
@@ -208,6 +244,8 @@ def main(argv: list[str]) -> None:
     if acc.is_main_process:
         images = np.concatenate([np.load(check(parts / f"{s:08d}.npz"))["images"] for s in starts])
         save_samples_npz(out, images, labels)
+        with atomic_path(provenance_file(out)) as tmp:  # before the parts go: a crash here resumes
+            tmp.write_text(json.dumps({**provenance, "samples_sha256": sha256_file(out)}, indent=2))
         save_grid(images, labels, cfg.model.num_classes, out.with_suffix(".png"))
         shutil.rmtree(parts)
         lock.release()

@@ -1,5 +1,6 @@
 """DiT^DH on RAE latents through the commands: training (store and online), the time shift, presets, AutoGuidance."""
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from core.config import compose
+from core.integrity import sha256_file
+from core.provenance import provenance_file
 from core.log import read_jsonl
 from generators import flow
 from generators import sample as gsample
@@ -67,7 +70,7 @@ def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
     assert cfg.sample.steps == 50 and cfg.sample.method == "euler" and cfg.sample.autoguidance.scale == 1.42
     # Training times as generators.train draws them: RAE's shifted logit-normal has median 0.874 in its time
     # (1 = noise), so 1 - 0.874 in ours (0 = noise).
-    _, t, _ = gtrain.step_randomness(0, 0, 0, 20000, (1,), cfg.flow, 0.1, torch.device("cpu"))
+    _, t, _ = gtrain.step_randomness(0, 0, 20000, 0, 1, (1,), cfg.flow, 0.1, torch.device("cpu"))
     assert t.median().item() == pytest.approx(1 - 0.874, abs=0.01)
     demo, demo_latent = gtrain.parse(["--latent", "rae_dino", "preset=demo"])
     assert demo.generator == "ditdh_s" and demo.model.family == "ddt" and demo.model.in_channels == 768
@@ -120,6 +123,32 @@ def test_autoguidance_through_the_commands(trained, tmp_path):
     grid_self = gtrain.sample_grid(model, cfg, latent_cfg, (768, 2, 2), torch.device("cpu"), model)
     torch.testing.assert_close(grid_self, gtrain.sample_grid(model, cfg, latent_cfg, (768, 2, 2), torch.device("cpu")))
     assert not torch.allclose(grid, grid_self, atol=1e-3)
+
+
+def test_samples_record_how_they_were_made(trained, tmp_path, monkeypatch):
+    code = {"commit": "c0ffee", "dirty": False}  # others commit in this checkout while tests run: a fixed version
+    monkeypatch.setattr(gsample, "code_version", lambda: code)
+    earlier = trained / "checkpoints" / "step_0000015"
+    out = tmp_path / "s.npz"
+    sample(trained, out, "--labels", "random", f"sample.autoguidance.guide={earlier}", "sample.cfg_scale=1.5")
+    made = json.loads(provenance_file(out).read_text())
+    assert made["samples_sha256"] == sha256_file(out)
+    assert (made["command"], made["num_samples"], made["labels"], made["num_classes"]) == ("generators.sample", 4, "random", 10)
+    cfg = OmegaConf.load(trained / "config.yaml")
+    settings = made["sample"]
+    assert (settings["method"], settings["steps"], settings["shift"], settings["seed"]) == (
+        cfg.sample.method, 4, cfg.sample.shift, cfg.sample.seed)
+    assert (settings["cfg_scale"], settings["cfg_interval_start"], settings["cfg_channels"]) == (
+        1.5, cfg.sample.cfg_interval_start, None)
+    assert settings["autoguidance"] == {**OmegaConf.to_container(cfg.sample.autoguidance), "guide": str(earlier)}
+    assert not any(key.startswith("grid_") for key in settings)  # they shape training grids only
+    last = (trained / "checkpoints" / "step_0000030").resolve()  # the latest: what --run samples
+    assert made["generator"] == {"run": str(trained.resolve()), "checkpoint": str(last), "ema": True,
+                                 "sha256": sha256_file(last / "ema.safetensors")}
+    assert made["guide"] == {"weights": str((earlier / "ema.safetensors").resolve()),
+                             "sha256": sha256_file(earlier / "ema.safetensors")}
+    assert made["model"] == OmegaConf.to_container(cfg.model) and made["latent"] == cfg.latent
+    assert made["code_version"] == code
 
 
 def test_a_guide_that_does_not_fit_is_refused(trained, tmp_path):
