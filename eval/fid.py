@@ -27,7 +27,7 @@ from core import integrity
 from core.checkpoint import atomic_path, check_keys, load_torch_weights
 from core.errors import UserError
 from core.log import get_logger
-from eval.npz import check_uint8_nhwc
+from core.samples import check_uint8_nhwc
 
 WEIGHTS_ENV = "LATENTKIT_INCEPTION_WEIGHTS"
 WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
@@ -178,7 +178,7 @@ class _FeatureCache:
         if meta_file.is_file():
             found = json.loads(meta_file.read_text())
             if found != meta:
-                raise ValueError(f"feature cache {folder} was made with {found}, not {meta}; use another folder")
+                raise UserError(f"feature cache {folder} was made with {found}, not {meta}; use another folder")
         else:
             with atomic_path(meta_file) as tmp:
                 tmp.write_text(json.dumps(meta))

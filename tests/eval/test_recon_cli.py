@@ -138,10 +138,10 @@ def test_other_settings_are_refused(first_run, tokenizer_dir, monkeypatch):
         run(args, monkeypatch)
 
 
-def test_missing_weights_error_names_the_file(tokenizer_dir, tmp_path, monkeypatch):
+def test_missing_weights_error_names_the_file(tokenizer_dir, imagenet_sample, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    args = recon_args(tokenizer_dir, tmp_path, tmp_path / "out")
+    args = recon_args(tokenizer_dir, imagenet_sample, tmp_path / "out")
     with pytest.raises(FileNotFoundError) as err:
         recon.main(args)
     assert WEIGHTS_FILENAME in str(err.value) and str(tmp_path / "hub" / "checkpoints") in str(err.value)
