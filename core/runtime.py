@@ -47,6 +47,15 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0])
 
 
+def step_generators(seed: int, step: int, global_batch: int, rank: int, world: int) -> list[torch.Generator]:
+    """One CPU generator per sample of this process's share of a training step, seeded by (seed, step, the
+    sample's position in the global batch); rank r holds positions [r * local, (r + 1) * local), as the data
+    samplers hand them out. Every random draw of a sample is then the same whichever process makes it, so
+    1 or N processes with one global batch train the same weights, and a run resumes on any process count."""
+    local = global_batch // world
+    return [torch.Generator().manual_seed(derived_seed(seed, step, i)) for i in range(rank * local, (rank + 1) * local)]
+
+
 def latest_checkpoint(run_dir: str | Path, fallback: bool = True) -> Path | None:
     """The newest finished `checkpoints/step_NNNNNNN` folder of a run whose files match its manifest, if any.
 

@@ -4,9 +4,11 @@ Trains a generator on a latent source with accelerate (one CPU ... many GPUs and
 bf16 autocast on GPU, fused AdamW on CUDA, EMA, optional gradient clipping, gradient
 checkpointing and torch.compile. The run folder (``run.dir``) holds the config, JSON-lines
 metrics, periodic sample grids and atomic checkpoints; started again with the same folder the
-run resumes exactly: the batch, noise, times and label drops of step k depend only on
-(seed, k, rank), and model, EMA and optimizer come from the last checkpoint. A non-finite loss
-stops the run with the last good checkpoint kept.
+run resumes exactly: the batch of step k depends only on (seed, k), each sample's noise, time and
+label drop only on (seed, k, its position in the global batch), and model, EMA and optimizer come from
+the last checkpoint. So the process count changes nothing but float reduction order: 1 or 8 processes
+with one global batch train the same weights, and a run may resume on another process count. A
+non-finite loss stops the run with the last good checkpoint kept.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from core.config import split_cli
 from core.errors import MismatchError
 from core.ema import EMA
 from core.log import get_logger
-from core.runtime import RunFolder, derived_seed, fused_adam_kwargs, make_accelerator, progress, seed_everything
+from core.runtime import RunFolder, fused_adam_kwargs, make_accelerator, progress, seed_everything, step_generators
 from generators import flow
 from generators.registry import build_generator
 from generators.sample import generator_config, load_guide, sample_latents
@@ -87,13 +89,14 @@ def check_against_data(model_cfg: DictConfig, shape: tuple[int, int, int], num_c
         raise MismatchError(f"latent source '{latent}' does not match the model: " + "; ".join(problems))
 
 
-def step_randomness(seed: int, step: int, rank: int, n: int, shape: tuple[int, ...], cfg: DictConfig,
-                    drop_prob: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise, times and label drops of one step, from a generator seeded by (seed, step, rank)."""
-    g = torch.Generator().manual_seed(derived_seed(seed, step, rank))
-    eps = torch.randn(n, *shape, generator=g)
-    t = flow.sample_t(n, cfg.time_dist, cfg.time_mu, cfg.time_sigma, cfg.time_shift, generator=g)
-    drop = torch.rand(n, generator=g) < drop_prob
+def step_randomness(seed: int, step: int, global_batch: int, rank: int, world: int, shape: tuple[int, ...],
+                    cfg: DictConfig, drop_prob: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise, times and label drops of this process's share of one step, each sample's from its own generator
+    (core.runtime.step_generators), drawn in that order."""
+    gens = step_generators(seed, step, global_batch, rank, world)
+    eps = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    t = torch.cat([flow.sample_t(1, cfg.time_dist, cfg.time_mu, cfg.time_sigma, cfg.time_shift, generator=g) for g in gens])
+    drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < drop_prob
     return eps.to(device), t.to(device), drop.to(device)
 
 
@@ -152,7 +155,8 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     while step < cfg.train.steps:
         x, y = loader.batch(step)
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-        eps, t, drop = step_randomness(cfg.run.seed, step, rank, x.shape[0], shape, cfg.flow, drop_prob, acc.device)
+        eps, t, drop = step_randomness(cfg.run.seed, step, cfg.train.global_batch, rank, world, shape, cfg.flow,
+                                       drop_prob, acc.device)
         x_t = flow.interpolate(x, eps, t)
         with acc.autocast():
             pred = forward(x_t, t, y, force_drop_ids=drop)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,21 @@ def killed_after_checkpoint(monkeypatch):
             m.setattr(RunFolder, "save_training_state", save_then_die)
             with pytest.raises(Killed):
                 fn(*args, **kwargs)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """`launch(nproc, module, *args)` runs `torchrun --standalone --nproc_per_node <nproc> -m <module> <args>` from
+    the repository root: CPU processes talking over gloo (DESIGN §9), one thread each."""
+
+    def run(nproc: int, module: str, *args: str) -> subprocess.CompletedProcess:
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
 
     return run
 

@@ -126,15 +126,18 @@ class DinoDiscriminator(nn.Module):
         return torch.cat([head(f.transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
 
 
-def diff_augment(images: torch.Tensor, generator: torch.Generator | None = None, shift: float = 0.125) -> torch.Tensor:
+def diff_augment(
+    images: torch.Tensor, generators: list[torch.Generator] | None = None, shift: float = 0.125
+) -> torch.Tensor:
     """DiffAug as RAE uses it (StyleGAN-T's, no cutout), differentiable, with per-image random draws.
 
     Translation by whole pixels, up to `shift` of the side each way, zero fill; then colour: brightness
     + U(-0.5, 0.5), saturation x U(0, 2) about the channel mean, contrast x U(0.5, 1.5) about the image
-    mean. Draws come from `generator` (a CPU generator, so a step's augmentation is reproducible).
+    mean. Image i's five draws come from `generators[i]` (CPU generators, so a step's augmentation is
+    reproducible and the same however the batch is split over processes); without them the global RNG.
     """
     b, _, h, w = images.shape
-    u = torch.rand(5, b, generator=generator)
+    u = torch.rand(5, b) if generators is None else torch.stack([torch.rand(5, generator=g) for g in generators], dim=1)
     dy, dx = round(h * shift), round(w * shift)
     ty = (u[0] * (2 * dy + 1)).floor().long() - dy
     tx = (u[1] * (2 * dx + 1)).floor().long() - dx

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from core.checkpoint import check_keys
@@ -48,10 +49,16 @@ def adaptive_weight(
     """scale * |d loss_a / d layer| / (|d loss_b / d layer| + eps), clamped to [0, max_weight], detached.
 
     Balances loss_b against loss_a at one layer (LDM's adaptive GAN weight with eps 1e-4; VA-VAE's VF
-    weight; RAE's GAN weight with eps 1e-6).
+    weight; RAE's GAN weight with eps 1e-6). In a torch.distributed job each process holds the losses of
+    its share of the batch; the gradients are averaged over processes first (as DDP averages the
+    parameter gradients), so the weight is the global batch's whatever the process count.
     """
     grad_a = torch.autograd.grad(loss_a, layer_weight, retain_graph=True)[0]
     grad_b = torch.autograd.grad(loss_b, layer_weight, retain_graph=True)[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grads = torch.stack([grad_a, grad_b])
+        dist.all_reduce(grads)
+        grad_a, grad_b = grads / dist.get_world_size()
     return (grad_a.norm() / (grad_b.norm() + eps)).clamp(0.0, max_weight).detach() * scale
 
 

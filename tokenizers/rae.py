@@ -291,18 +291,22 @@ class RAE(Tokenizer):
 
 
 def noise_augment(
-    latents: torch.Tensor, tau: float = NOISE_TAU, generator: torch.Generator | None = None
+    latents: torch.Tensor, tau: float = NOISE_TAU, generators: list[torch.Generator] | None = None
 ) -> torch.Tensor:
     """RAE's decoder-training noise: z + sigma N(0, I) with sigma = tau U(0, 1), one sigma per sample.
 
     Applied to the raw (un-normalised) latents of ``encode`` in the generator step only; the
     discriminator sees reconstructions of clean latents. The official code draws sigma uniformly,
-    the paper describes |N(0, tau²)|. Noise comes from ``generator`` (on its device) if given.
+    the paper describes |N(0, tau²)|. ``generators``: one CPU generator per sample (its sigma, then its
+    noise), so a sample's noise does not depend on the batch it is in; without them the global RNG.
     """
-    device = generator.device if generator is not None else latents.device
     b = latents.shape[0]
-    sigma = tau * torch.rand(b, generator=generator, device=device)
-    noise = torch.randn(latents.shape, generator=generator, device=device)
+    if generators is None:
+        sigma = tau * torch.rand(b, device=latents.device)
+        noise = torch.randn(latents.shape, device=latents.device)
+    else:
+        sigma = tau * torch.cat([torch.rand(1, generator=g) for g in generators])
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     return latents + (sigma.view(b, *([1] * (latents.ndim - 1))) * noise).to(latents)
 
 

@@ -55,10 +55,10 @@ class RAEModel(nn.Module):
         self.noise_tau = noise_tau
         object.__setattr__(self, "tokenizer", tokenizer)  # bypasses nn.Module's submodule registration
 
-    def forward(self, images: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstructions of the noise-augmented latents, the clean latents)."""
         latents = self.tokenizer.encode(images)
-        return self.tokenizer.decode(noise_augment(latents, self.noise_tau, generator=rng)), latents
+        return self.tokenizer.decode(noise_augment(latents, self.noise_tau, gens)), latents
 
 
 def rae_with_decoder(rae: RAE, decoder: nn.Module) -> RAE:
@@ -117,22 +117,22 @@ class RAEFamily(Family):
         check_rae_config(cfg)  # the first thing a run does: bad settings stop it before the data is scanned
         return build_source({**to_dict(cfg.data), "image_size": int(cfg.data.image_size * cfg.augment.resize_scale)})
 
-    def view(self, images: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    def view(self, images: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
         """A random `data.image_size` crop of each training image (official: Resize(384) + RandomCrop(256), no
         flip), the centre crop of the sample images."""
         size, full = self.cfg.data.image_size, images.shape[-1]
         if full == size:
             return images
-        if rng is None:
+        if gens is None:
             o = (full - size) // 2
             return images[..., o : o + size, o : o + size]
-        top, left = torch.randint(0, full - size + 1, (2, images.shape[0]), generator=rng).tolist()
-        return torch.stack([im[:, t : t + size, l : l + size] for im, t, l in zip(images, top, left)])
+        corners = [torch.randint(0, full - size + 1, (2,), generator=g).tolist() for g in gens]
+        return torch.stack([im[:, t : t + size, l : l + size] for im, (t, l) in zip(images, corners)])
 
     def generator_loss(
-        self, model: nn.Module, raw: RAEModel, images: torch.Tensor, rng: torch.Generator
+        self, model: nn.Module, raw: RAEModel, images: torch.Tensor, gens: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        recon, self._latents = model(images, rng)
+        recon, self._latents = model(images, gens)
         l1 = (images - recon).abs().mean() / 2  # on [0, 1] pixels, as the official
         nll, logs = l1, {"l1": l1}
         if self.lpips is not None:
@@ -154,8 +154,8 @@ class RAEFamily(Family):
     def disc_update_start(self) -> int:
         return self.cfg.loss.disc_update_start
 
-    def disc_input(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        return diff_augment(images, rng)
+    def disc_input(self, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        return diff_augment(images, gens)
 
     def disc_fakes(self, raw: RAEModel, recon: torch.Tensor) -> torch.Tensor:
         """Reconstructions of the clean latents by the updated decoder, clamped and quantised to 8 bits as real images are."""

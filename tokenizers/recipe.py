@@ -36,7 +36,9 @@ class Family:
 
     A subclass sets `cfg` and `model` (the module the generator optimiser trains, holding the tokenizer
     as `model.tokenizer`) and supplies `generator_loss` and `decoder_last_layer`; it overrides the rest
-    where its recipe differs.
+    where its recipe differs. `gens` holds one CPU generator per image of the batch
+    (core.runtime.step_generators): each image's random draws come from its own, so that they do not depend
+    on how the global batch is split over processes.
     """
 
     cfg: DictConfig
@@ -45,7 +47,7 @@ class Family:
     adaptive_eps = 1e-4  # in the denominator of LDM's adaptive GAN weight
 
     def generator_loss(
-        self, model: nn.Module, raw: nn.Module, images: torch.Tensor, rng: torch.Generator
+        self, model: nn.Module, raw: nn.Module, images: torch.Tensor, gens: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss without the GAN term, reconstruction loss the GAN weight balances, reconstructions, values to log)."""
         raise NotImplementedError
@@ -66,8 +68,8 @@ class Family:
         """The training images (a class method: a missing data folder stops the run before any network is built)."""
         return build_source(cfg.data)
 
-    def view(self, images: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-        """The batch the step trains on (`rng` given) or the fixed sample images (`rng` None)."""
+    def view(self, images: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
+        """The batch the step trains on (`gens` given) or the fixed sample images (`gens` None)."""
         return images
 
     def discriminator(self) -> nn.Module:
@@ -77,7 +79,7 @@ class Family:
         """First step of discriminator updates (the generator's GAN term starts at `loss.disc_start`)."""
         return self.cfg.loss.disc_start
 
-    def disc_input(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def disc_input(self, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         """What the discriminator is shown of real or fake images."""
         return images
 

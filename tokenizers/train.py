@@ -13,7 +13,11 @@ The run folder holds config.yaml, metrics.jsonl, samples/step_NNNNNNN.png (origi
 reconstructions), checkpoints/ and, at the end, tokenizer/ (a `save_pretrained` folder, EMA weights
 when EMA is on). Started again on the same folder, a run continues from its last checkpoint and ends
 with the same parameters as an uninterrupted run (data order and every random draw are functions of
-the step). Multi-GPU: `accelerate launch` or `torchrun`; `train.batch_size` is the global batch.
+the step). Multi-GPU: `accelerate launch` or `torchrun`; `train.batch_size` is the global batch. Each
+image's random draws depend on its position in the global batch, not on the process that holds it, and
+the adaptive weights use the global batch's gradients, so the process count changes nothing but float
+reduction order (on CPU, until the PatchGAN's BatchNorm is on: see `train`), and a run may resume on
+another process count.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from core.config import ConfigError, compose, split_cli
 from core.ema import EMA
 from core.images import collate_items, iterate_images, Skipping
 from core.log import get_logger
-from core.runtime import RunFolder, latest_checkpoint, make_accelerator, progress, seed_everything
+from core.runtime import RunFolder, latest_checkpoint, make_accelerator, progress, seed_everything, step_generators
 from tokenizers import vavae_train  # noqa: F401  (registers vavae; imported first, so listed first)
 from tokenizers import rae_train  # noqa: F401  (registers rae)
 from tokenizers.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
@@ -93,12 +97,6 @@ def batches(source: Any, cfg: DictConfig, start: int, rank: int, world: int) -> 
         yield batch.images
 
 
-def step_rng(seed: int, step: int, rank: int) -> torch.Generator:
-    """The random generator of one step on one process (posterior or latent noise, crops, DiffAug): a function
-    of the step, so resume is exact."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
-
-
 # --- evaluation ------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -137,6 +135,11 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     source = FAMILIES[family_name].source(cfg)
     family = FAMILIES[family_name](cfg)
     disc = family.discriminator()
+    if acc.num_processes > 1 and acc.device.type == "cuda":
+        # BatchNorm statistics of the global batch, not of each process's share (the PatchGAN's). SyncBatchNorm
+        # runs on GPUs only: a multi-process CPU (gloo) run keeps per-process statistics, so once its GAN is on
+        # it no longer trains what one process would.
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     run = RunFolder(cfg.run.dir or f"runs/tokenizer/{family_name}", acc)
     run.save_config(cfg)
     if cfg.run.init_from:
@@ -216,12 +219,13 @@ def train_step(acc: Any, cfg: DictConfig, family: Family, gen: tuple, dis: tuple
     reconstructions). The GAN term starts at `loss.disc_start` (before it, LDM multiplies it by 0), the
     discriminator updates at `family.disc_update_start()`. `gen`: (prepared module, unwrapped module,
     optimiser); `dis`: the same plus the discriminator's trained parameters (built once by `train`). All
-    randomness of the step (crops, noise, augmentation) comes from one generator seeded by the step, drawn in
-    a fixed order."""
+    randomness of the step (crops, noise, augmentation) comes from one generator per image, seeded by the step
+    and the image's position in the global batch, drawn in a fixed order."""
     model, raw, opt_g = gen
     disc, raw_disc, opt_d, d_params = dis
-    rng = step_rng(cfg.train.seed, step, acc.process_index)
-    images = family.view(images, rng)
+    # A batch with undecodable images skipped is shorter: its images keep the first generators.
+    gens = step_generators(cfg.train.seed, step, cfg.train.batch_size, acc.process_index, acc.num_processes)[: len(images)]
+    images = family.view(images, gens)
     gan_on = step >= cfg.loss.disc_start
     disc_on = step >= family.disc_update_start()
     g_lr, d_lr = family.lr_factors(step)
@@ -236,9 +240,9 @@ def train_step(acc: Any, cfg: DictConfig, family: Family, gen: tuple, dis: tuple
     for p in d_params:
         p.requires_grad_(False)
     with acc.autocast():
-        loss, nll, recon, logs = family.generator_loss(model, raw, images, rng)
+        loss, nll, recon, logs = family.generator_loss(model, raw, images, gens)
         if gan_on:
-            g_loss = hinge_g_loss(raw_disc(family.disc_input(recon, rng)))
+            g_loss = hinge_g_loss(raw_disc(family.disc_input(recon, gens)))
             d_weight = adaptive_weight(nll, g_loss, family.decoder_last_layer(raw), cfg.loss.disc_weight, GAN_MAX_WEIGHT,
                                        family.adaptive_eps)
             loss = loss + d_weight * g_loss
@@ -254,7 +258,7 @@ def train_step(acc: Any, cfg: DictConfig, family: Family, gen: tuple, dis: tuple
         disc.train()
         with acc.autocast():
             fakes = family.disc_fakes(raw, recon)
-            logits_real, logits_fake = disc(family.disc_input(images, rng)), disc(family.disc_input(fakes, rng))
+            logits_real, logits_fake = disc(family.disc_input(images, gens)), disc(family.disc_input(fakes, gens))
             d_loss = hinge_d_loss(logits_real, logits_fake)
         opt_d.zero_grad(set_to_none=True)
         acc.backward(d_loss)

@@ -55,12 +55,12 @@ class VAVAEFamily(Family):
         return names + (["LPIPS VGG16 trunk"] if self.lpips is not None and self.cfg.loss.lpips_random else [])
 
     def generator_loss(
-        self, model: nn.Module, raw: VAVAEModel, images: torch.Tensor, noise_rng: torch.Generator
+        self, model: nn.Module, raw: VAVAEModel, images: torch.Tensor, gens: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss without the GAN term, nll, reconstructions, values to log)."""
         cfg = self.cfg
-        # Posterior noise from the CPU generator, as the official code draws it.
-        noise = torch.randn((images.shape[0], *self.latent_shape), generator=noise_rng).to(images)
+        # Posterior noise from CPU generators, as the official code draws it.
+        noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in gens]).to(images)
         recon, mean, logvar, z_proj = model(images, noise)
         nll = reconstruction_nll(images, recon, self.lpips, cfg.loss.perceptual_weight)
         kl = kl_loss(mean, logvar)

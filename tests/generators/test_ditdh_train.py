@@ -70,7 +70,7 @@ def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
     assert cfg.sample.steps == 50 and cfg.sample.method == "euler" and cfg.sample.autoguidance.scale == 1.42
     # Training times as generators.train draws them: RAE's shifted logit-normal has median 0.874 in its time
     # (1 = noise), so 1 - 0.874 in ours (0 = noise).
-    _, t, _ = gtrain.step_randomness(0, 0, 0, 20000, (1,), cfg.flow, 0.1, torch.device("cpu"))
+    _, t, _ = gtrain.step_randomness(0, 0, 20000, 0, 1, (1,), cfg.flow, 0.1, torch.device("cpu"))
     assert t.median().item() == pytest.approx(1 - 0.874, abs=0.01)
     demo, demo_latent = gtrain.parse(["--latent", "rae_dino", "preset=demo"])
     assert demo.generator == "ditdh_s" and demo.model.family == "ddt" and demo.model.in_channels == 768

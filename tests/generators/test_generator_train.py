@@ -70,6 +70,24 @@ def test_resume_equals_uninterrupted(latent_yaml, tmp_path):
     assert_same(final_weights(tmp_path / "a", 20), final_weights(tmp_path / "b", 20))
 
 
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, f"max abs difference {worst:.3g}"
+
+
+def test_two_processes_train_what_one_does_and_resume_on_one(latent_yaml, tmp_path, launch, one_thread):
+    """20 steps of 2 CPU processes (torchrun, gloo) end where 20 steps of one do, up to float reduction order:
+    a sample's noise, time and label drop depend on its place in the global batch, not on its process. The
+    2-process run then resumes in one process (no RNG state of its own to load) and still matches."""
+    run(latent_yaml, tmp_path / "one", "train.steps=20")
+    launch(2, "generators.train", "--latent", str(latent_yaml), *TINY, "train.steps=20", f"run.dir={tmp_path / 'two'}")
+    assert_close(final_weights(tmp_path / "one", 20), final_weights(tmp_path / "two", 20), 1e-5)
+    run(latent_yaml, tmp_path / "one", "train.steps=30")
+    run(latent_yaml, tmp_path / "two", "train.steps=30")
+    assert_close(final_weights(tmp_path / "one", 30), final_weights(tmp_path / "two", 30), 1e-5)
+
+
 def test_sigkill_then_resume_equals_uninterrupted(latent_yaml, tmp_path):
     args = [sys.executable, "-m", "generators.train", "--latent", str(latent_yaml), *TINY, "train.steps=60"]
     subprocess.run([*args, f"run.dir={tmp_path / 'a'}"], cwd=REPO, check=True, capture_output=True)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from core.runtime import step_generators
 from tokenizers.base import open_tokenizer
 from tokenizers import rae as rae_mod
 from tokenizers.base import sha256_of
@@ -299,8 +300,10 @@ def test_bad_names_are_refused():
 
 def test_noise_augment_draws_one_uniform_sigma_per_sample():
     z = torch.zeros(4000, 8, 4, 4)
-    out = noise_augment(z, 0.8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, noise_augment(z, 0.8, generator=torch.Generator().manual_seed(0)))
+    out = noise_augment(z, 0.8, step_generators(0, 0, 4000, 0, 1))
+    assert torch.equal(out, noise_augment(z, 0.8, step_generators(0, 0, 4000, 0, 1)))
+    # A sample's noise depends on its own generator only (so not on how the batch is split over processes).
+    assert torch.equal(out[2000:], noise_augment(z[2000:], 0.8, step_generators(0, 0, 4000, 1, 2)))
     sigma = out.flatten(1).std(dim=1)
     assert sigma.max() < 0.8 * 1.3 and sigma.min() < 0.05  # sigma = 0.8 U(0, 1), per sample
     assert abs(sigma.mean().item() - 0.4) < 0.02

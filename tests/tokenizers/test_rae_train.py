@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 from core.config import ConfigError, compose
 from core.images import iterate_images
 from core.log import read_jsonl
+from core.runtime import step_generators
 from tokenizers.base import open_tokenizer
 from tokenizers import rae_train, train as trainer
 from tokenizers.base import load_tokenizer
@@ -39,7 +40,7 @@ def test_few_steps_lower_reconstruction_loss():
     before = (trainer.reconstruct(tok, images) - images).abs().mean()
     opt = torch.optim.Adam([p for p in family.model.parameters() if p.requires_grad], lr=2e-3, betas=(0.9, 0.95))
     for step in range(12):
-        loss, nll, recon, logs = family.generator_loss(family.model, family.model, images, trainer.step_rng(0, step, 0))
+        loss, nll, recon, logs = family.generator_loss(family.model, family.model, images, step_generators(0, step, 2, 0, 1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -133,13 +134,16 @@ def test_demo_preset_has_a_run_folder_per_encoder():
 
 def test_diff_augment_is_a_seeded_shift_then_colour():
     images = torch.rand(3, 3, 16, 16) * 2 - 1
-    out = diff_augment(images, torch.Generator().manual_seed(1))
+    gens = lambda seed: step_generators(seed, 0, 3, 0, 1)  # noqa: E731
+    out = diff_augment(images, gens(1))
     assert out.shape == images.shape
-    assert torch.equal(out, diff_augment(images, torch.Generator().manual_seed(1)))
-    assert not torch.equal(out, diff_augment(images, torch.Generator().manual_seed(2)))
+    assert torch.equal(out, diff_augment(images, gens(1)))
+    assert not torch.equal(out, diff_augment(images, gens(2)))
+    # Image i's augmentation depends on its own generator only (so not on how the batch is split).
+    assert torch.equal(out[1:], diff_augment(images[1:], gens(1)[1:]))
 
     # The same draws, applied one image at a time with slicing.
-    u = torch.rand(5, 3, generator=torch.Generator().manual_seed(1))
+    u = torch.stack([torch.rand(5, generator=g) for g in gens(1)], dim=1)
     for i in range(3):
         ty, tx = int((u[0, i] * 5).floor()) - 2, int((u[1, i] * 5).floor()) - 2  # shifts within +-round(16/8)
         shifted = torch.zeros(3, 16, 16)
@@ -152,7 +156,7 @@ def test_diff_augment_is_a_seeded_shift_then_colour():
 
     # Differentiable: the generator's GAN gradient goes through it.
     fake = images.clone().requires_grad_(True)
-    diff_augment(fake, torch.Generator().manual_seed(1)).sum().backward()
+    diff_augment(fake, gens(1)).sum().backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
