@@ -5,6 +5,9 @@ atomically (accelerate state for model/optimizer/RNG, `ema.safetensors`, `traine
 """
 from __future__ import annotations
 
+import difflib
+import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -20,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import faults
 from core.checkpoint import save_safetensors, load_safetensors
+from core.config import ConfigError
 from core.errors import CorruptFileError
 from core.integrity import MANIFEST, folder_problems, write_manifest
 from core.lock import WriterLock
@@ -28,8 +32,17 @@ from core.log import JsonlWriter, get_logger
 log = get_logger("runtime")
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """bf16 autocast on GPU, fp32 on CPU ("auto"); without CUDA, `cpu=True` is what makes torchrun give gloo DDP."""
+# `train.log_with` values -> the packages that provide them (accelerate silently drops a tracker it cannot import).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+TRACKING_PROJECT = "latentkit"  # the tracker project; TensorBoard writes to <run folder>/latentkit
+
+
+def make_accelerator(mixed_precision: str = "auto", log_with: str | None = None,
+                     run_dir: str | Path | None = None) -> Accelerator:
+    """bf16 autocast on GPU, fp32 on CPU ("auto"); without CUDA, `cpu=True` is what makes torchrun give gloo DDP.
+    `log_with` (train.log_with): a tracker that also gets the metrics, writing under `run_dir` (RunFolder.track)."""
+    if log_with is not None:
+        check_tracker(log_with)
     use_cpu = not torch.cuda.is_available()
     precision = ("no" if use_cpu else "bf16") if mixed_precision == "auto" else mixed_precision
     if use_cpu and precision == "bf16":
@@ -38,7 +51,18 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     return Accelerator(
         cpu=use_cpu, mixed_precision=precision,
         dataloader_config=DataLoaderConfiguration(split_batches=False),
+        log_with=log_with, project_dir=None if log_with is None else str(run_dir),
     )
+
+
+def check_tracker(name: str) -> None:
+    if name not in TRACKERS:
+        close = difflib.get_close_matches(name, list(TRACKERS), n=1, cutoff=0.5)
+        raise ConfigError(f"train.log_with: unknown tracker {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; choose from {', '.join(TRACKERS)}, or null for metrics.jsonl alone")
+    if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+        raise ConfigError(f"train.log_with={name} needs the {TRACKERS[name][0]} package, which is not installed "
+                          f"(pip install {TRACKERS[name][0]}); or train.log_with=null for metrics.jsonl alone")
 
 
 def derived_seed(*keys: int) -> int:
@@ -124,9 +148,29 @@ class RunFolder:
         if self.acc.is_main_process:
             path.write_text(OmegaConf.to_yaml(cfg))
 
+    def track(self, cfg: DictConfig, step: int) -> None:
+        """Start the tracker of `make_accelerator(log_with=...)`, if any. A new run records its config; a resumed
+        one (`step` > 0, its checkpoint's) continues the same TensorBoard folder and W&B run, and TensorBoard
+        hides what a crashed run logged after that checkpoint (`purge_step`), so no step appears twice."""
+        if not self.acc.log_with:
+            return
+        first = step + 1 if step else 0  # the first step this run logs (a new one logs step 0)
+        init_kwargs = {"tensorboard": {"purge_step": first},
+                       # One W&B run per run folder: its id comes from the folder's path.
+                       "wandb": {"name": self.path.name, "dir": str(self.path), "resume": "allow",
+                                 "id": hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]}}
+        config = None if step else {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+                                    for k, v in _flat(cfg).items()}
+        self.acc.init_trackers(TRACKING_PROJECT, config=config, init_kwargs=init_kwargs)
+
     def log(self, **fields: Any) -> None:
+        """A record of metrics.jsonl; its numbers also go to the tracker, at its step (event records do not)."""
         if self.acc.is_main_process:
             self.metrics.write(**fields)
+            if self.acc.trackers and "step" in fields and "event" not in fields:
+                self.acc.log({k: v for k, v in fields.items()
+                              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                             step=fields["step"])
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)

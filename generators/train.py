@@ -35,7 +35,7 @@ log = get_logger("generators.train")
 
 
 # A run may be resumed with these changed: train longer, log or sample differently.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.log_with", "train.ckpt_every", "train.sample_every",
                      "train.keep_checkpoints", "sample.")
 
 
@@ -115,7 +115,7 @@ def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tu
 
 
 def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
-    acc = make_accelerator(cfg.train.precision)
+    acc = make_accelerator(cfg.train.precision, cfg.train.log_with, cfg.run.dir)
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES)
     world, rank = acc.num_processes, acc.process_index
@@ -140,6 +140,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         ema.load_state_dict(ema_state)
         step = state["step"]
         log.info("resumed from %s at step %d", last, step)
+    run.track(cfg, step)
     forward = torch.compile(model) if cfg.train.compile else model
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
     log.info("model %s %s: %.2fM parameters; %d process(es), batch %d per process",
@@ -186,6 +187,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
             save_samples(ema.model, cfg, loader, shape, acc.device, run.path / "samples" / f"step_{step:07d}.png", guide)
     bar.close()
     acc.wait_for_everyone()
+    acc.end_training()
     return run.path
 
 

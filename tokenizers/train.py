@@ -129,7 +129,8 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     """Train (or resume) one tokenizer run; returns the run folder. The exported tokenizer is in `<run>/tokenizer`."""
     if family_name not in FAMILIES:
         raise ConfigError(f"unknown tokenizer family {family_name!r}; trainable here: {sorted(FAMILIES)}")
-    acc = make_accelerator(cfg.train.precision)
+    run_dir = cfg.run.dir or f"runs/tokenizer/{family_name}"
+    acc = make_accelerator(cfg.train.precision, cfg.train.log_with, run_dir)
     seed_everything(cfg.train.seed)
     # Data and networks first: a missing file stops the run before its folder and config exist.
     source = FAMILIES[family_name].source(cfg)
@@ -140,8 +141,8 @@ def train(family_name: str, cfg: DictConfig) -> Path:
         # runs on GPUs only: a multi-process CPU (gloo) run keeps per-process statistics, so once its GAN is on
         # it no longer trains what one process would.
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-    run = RunFolder(cfg.run.dir or f"runs/tokenizer/{family_name}", acc)
-    run.save_config(cfg)
+    run = RunFolder(run_dir, acc)
+    run.save_config(cfg, may_change=("train.log_with",))
     if cfg.run.init_from:
         init_weights(Path(cfg.run.init_from), family.model, disc)
     # Adam with no weight decay is AdamW with weight decay 0 (RAE's optimiser).
@@ -164,6 +165,7 @@ def train(family_name: str, cfg: DictConfig) -> Path:
         if ema is not None:
             ema.load_state_dict(ema_state)
         log.info("resumed from %s (step %d)", latest, step)
+    run.track(cfg, step)
 
     sample_images = family.view(next(iterate_images(source, cfg.log.sample_images)).images, None).to(acc.device)
     if acc.is_main_process:

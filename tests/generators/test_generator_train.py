@@ -1,4 +1,5 @@
 """generators.train: resume equals an uninterrupted run, mismatches stop before compute, NaN stops."""
+import importlib.util
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 from core.checkpoint import load_safetensors
 from core.config import ConfigError
+from core.log import read_jsonl
 from generators import flow
 from generators import train as gtrain
 from latents.extract import main as extract_main
@@ -137,3 +139,43 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(latent_yaml, t
     with pytest.raises(gtrain.NonFiniteLoss, match="at step 7.*step_0000005.*kept"):
         run(latent_yaml, tmp_path / "r", "train.steps=20")
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_0000005"]
+
+
+def test_tensorboard_gets_the_curves_and_a_resumed_run_logs_no_step_twice(latent_yaml, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    real, calls = flow.flow_loss, {"n": 0}
+
+    def crash_at_step_8(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("crash")
+        return real(*args, **kwargs)
+
+    # Steps 1-8 logged, the last checkpoint at step 5; the resumed run logs steps 6-12.
+    with monkeypatch.context() as m:
+        m.setattr(flow, "flow_loss", crash_at_step_8)
+        with pytest.raises(RuntimeError, match="crash"):
+            run(latent_yaml, tmp_path / "r", "train.steps=12", "train.log_with=tensorboard")
+    run(latent_yaml, tmp_path / "r", "train.steps=12", "train.log_with=tensorboard")
+
+    logdir = str(tmp_path / "r" / "latentkit")
+    written = EventAccumulator(logdir, purge_orphaned_data=False)
+    written.Reload()
+    assert [e.step for e in written.Scalars("loss")] == [*range(1, 9), *range(6, 13)]  # both runs' files are there
+    events = EventAccumulator(logdir)  # as TensorBoard reads them
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
+    logged = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl")}
+    assert all(e.value == pytest.approx(logged[e.step]) for e in events.Scalars("loss"))
+    assert "mse" in events.Tags()["scalars"]
+
+
+def test_a_tracker_that_is_not_installed_is_named(latent_yaml, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="train.log_with=wandb needs the wandb package.*pip install wandb"):
+        run(latent_yaml, tmp_path / "r", "train.log_with=wandb")
+    with pytest.raises(ConfigError, match=r"unknown tracker 'tensorbord' \(did you mean 'tensorboard'\?\)"):
+        run(latent_yaml, tmp_path / "r", "train.log_with=tensorbord")
+    assert not (tmp_path / "r").exists()

@@ -133,6 +133,18 @@ def test_two_processes_train_what_one_does(tmp_path, launch):
         assert worst <= 1e-5, f"{name}: max abs difference {worst:.3g}"
 
 
+def test_tensorboard_gets_the_curves(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = trainer.train("vavae", tiny_cfg(tmp_path / "r", "train.steps=2", "loss.perceptual_weight=0",
+                                          "train.log_with=tensorboard"))
+    events = EventAccumulator(str(out / "latentkit"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("l1")] == [
+        (m["step"], pytest.approx(m["l1"])) for m in read_jsonl(out / "metrics.jsonl") if "l1" in m]
+    assert [e.step for e in events.Scalars("psnr")] == [0, 2]
+
+
 def test_unknown_key_names_the_closest(capsys):
     with pytest.raises(ConfigError, match="train.stpes.*did you mean 'train.steps'"):
         trainer.main(["vavae", "train.stpes=3"])
