@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from latents import store as zs
-from latents.dataset import LatentLoader, Normalizer
+from latents.dataset import LatentLoader
+from latents.normalize import Normalizer
 
 SHAPE = (32, 16, 16)
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from core import faults
 from core.checkpoint import save_safetensors, load_safetensors
 from core.config import ConfigError
-from core.errors import CorruptFileError
+from core.errors import CorruptFileError, UserError
 from core.integrity import MANIFEST, folder_problems, write_manifest
 from core.lock import WriterLock
 from core.log import JsonlWriter, get_logger
@@ -141,7 +141,7 @@ class RunFolder:
             diff = sorted(k for k in set(old) | set(new)
                           if old.get(k) != new.get(k) and not k.startswith(tuple(may_change)))
             if diff:
-                raise ValueError(
+                raise UserError(
                     f"{self.path} holds a run with a different config ({', '.join(diff[:8])} differ); "
                     "use a new run folder, or the same settings to resume"
                 )

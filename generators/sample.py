@@ -38,7 +38,8 @@ from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
 from generators.registry import build_generator
 from generators.sampling import DenoiseFn, initial_noise, sample, sample_generators
-from latents.dataset import latent_decoder, load_latent_config
+from latents.config import load_latent_config
+from latents.decode import latent_decoder
 
 log = get_logger("generators.sample")
 
@@ -168,7 +169,7 @@ def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], 
 def sample_chunk(model, cfg: DictConfig, decode: Callable[[torch.Tensor], torch.Tensor], indices: np.ndarray,
                  labels: np.ndarray, batch_size: int, device: torch.device,
                  guide: torch.nn.Module | None = None) -> np.ndarray:
-    """uint8 images of the samples `indices`; `decode` from latents.dataset.latent_decoder."""
+    """uint8 images of the samples `indices`; `decode` from latents.decode.latent_decoder."""
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     out = []
     for start in range(0, len(indices), batch_size):

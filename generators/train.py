@@ -22,14 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import cli
 from core.config import split_cli
-from core.errors import MismatchError
+from core.errors import MismatchError, UserError
 from core.ema import EMA
 from core.log import get_logger
 from core.runtime import RunFolder, fused_adam_kwargs, make_accelerator, progress, seed_everything, step_generators
 from generators import flow
 from generators.registry import build_generator
 from generators.sample import generator_config, load_guide, sample_latents
-from latents.dataset import build_latent_loader, decode_latents, latent_info, load_latent_config
+from latents.config import load_latent_config
+from latents.dataset import build_latent_loader, latent_info
+from latents.decode import decode_latents
 
 log = get_logger("generators.train")
 
@@ -116,13 +118,13 @@ def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tu
 
 def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     acc = make_accelerator(cfg.train.precision, cfg.train.log_with, cfg.run.dir)
+    info = latent_info(latent_cfg)  # metadata only: a missing or mismatched store stops before the run folder exists
+    check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES)
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.global_batch % world:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
-    info = latent_info(latent_cfg)  # metadata only: a mismatch stops before any latent is read
-    check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
+        raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
     loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device, info=info)
 
     seed_everything(cfg.run.seed)  # identical initial weights on every rank

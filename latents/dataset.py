@@ -1,24 +1,4 @@
-"""Training batches from latent stores or encoded on the fly, the latent config, and decoding of generated latents.
-
-A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
-
-    stores: [/data/latents/a.zarr, ...]   # local paths or fsspec URLs, rows concatenated in this order
-    tokenizer: vavae:/ckpt/vavae.pt       # decodes the latents: saved tokenizer folder or family:official_path
-    normalization: store                  # store: (z - mean) / std with the statistics below
-                                          #   (z / std where they have no mean); none: latents as stored
-    stats: null                           # an RAE statistics file ({'mean': Tensor | None, 'var': Tensor}, as
-                                          #   released): replaces the stores' statistics; null: the stores'
-    online: null                          # {data: <data config name | YAML path | mapping>, workers: min(4, cores)}: read the
-                                          #   images and encode them with `tokenizer` at every step instead of
-                                          #   reading stores (latents/online.py); `stores`, if also given, only
-                                          #   supply statistics, and one of `stats` or `stores` is required
-    multiplier: 1.0                       # x = normalised z * multiplier (LightningDiT's latent_multiplier)
-    cache_dir: null                       # null: the loader caches the latents in RAM; a local folder:
-                                          #   in a memory-mapped .npy there, shared by the ranks of a node
-    generator: lightningdit_xl1           # configs/generator/<name>.yaml trained by default on these latents
-
-A preset (`preset=demo` on the command line) may hold a section `latent: {<name>: {...}}` that is
-merged into the latent config of that name, e.g. the demo's store and tokenizer paths.
+"""Training batches of a latent config (latents/config.py): from latent stores, or encoded on the fly (latents/online.py).
 
 Reading: random rows straight from Zarr reach only a few thousand per second, so the loader copies
 the valid rows of every store, both views, once into one uncompressed array [rows, 2, C, h, w] (in
@@ -33,122 +13,24 @@ follows the same rule over the images of its data source.
 """
 from __future__ import annotations
 
-import copy
-import difflib
-import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from core.config import ConfigError, named_config
 from core.errors import CorruptFileError, MismatchError, UserError
-from core.images import default_workers
 from core.log import get_logger
-from latents.store import LatentStore, Stats, combined_stats, shard_problem
+from latents.config import load_latent_config
+from latents.normalize import Normalizer, normalizer_for, official_normalizer
+from latents.store import LatentStore, check_made_by, open_stores, shard_problem
 
 log = get_logger("latents.dataset")
-
-LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "stats": None, "online": None,
-                   "multiplier": 1.0, "cache_dir": None, "generator": "lightningdit_xl1"}
-ONLINE_DEFAULTS = {"data": None, "workers": default_workers()}
-
-
-def _check_keys(cfg: DictConfig, known: Mapping[str, Any], what: str) -> None:
-    for key in cfg.keys():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            raise ConfigError(f"unknown {what} key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-
-
-def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str | None = None) -> DictConfig:
-    """A latent config by name (configs/latent), YAML path, or an already composed mapping; checked.
-
-    `preset`: merge the section `latent.<name>` of configs/preset/<preset>.yaml, if it has one (a
-    name or path only; a mapping is taken as already composed).
-    """
-    if isinstance(name_or_cfg, (str, Path)):
-        cfg = named_config("latent", str(name_or_cfg))
-        if preset is not None:
-            section = OmegaConf.select(named_config("preset", preset), f"latent.{Path(str(name_or_cfg)).stem}")
-            if section is not None:
-                _check_keys(section, LATENT_DEFAULTS, f"preset/{preset}.yaml latent config")
-                cfg = OmegaConf.merge(cfg, section)
-    else:
-        cfg = OmegaConf.create(OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else dict(name_or_cfg))
-    _check_keys(cfg, LATENT_DEFAULTS, "latent config")
-    cfg = OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS), cfg)
-    if isinstance(cfg.stores, str):
-        cfg.stores = [cfg.stores]
-    if cfg.online is not None:
-        _check_keys(cfg.online, ONLINE_DEFAULTS, "latent config 'online'")
-        cfg.online = OmegaConf.merge(OmegaConf.create(ONLINE_DEFAULTS), cfg.online)
-        if not cfg.online.data:
-            raise ConfigError("latent config 'online' needs 'data': a data config name (configs/data), a YAML path "
-                              "or a mapping")
-    elif not cfg.stores:
-        raise ConfigError("a latent config needs 'stores' (latent store paths or URLs) or 'online' (images encoded "
-                          "on the fly)")
-    if not cfg.tokenizer:
-        raise ConfigError("a latent config needs 'tokenizer': the tokenizer that decodes its latents")
-    if cfg.normalization not in ("store", "none"):
-        raise ConfigError(f"latent config 'normalization' must be 'store' or 'none', got {cfg.normalization!r}")
-    if cfg.stats and cfg.normalization == "none":
-        raise ConfigError("latent config gives 'stats' but normalization is 'none'; drop one of them")
-    if cfg.online is not None and cfg.normalization == "store" and not cfg.stats and not cfg.stores:
-        raise ConfigError(
-            "an online latent config needs statistics to normalise the latents it encodes: 'stats: <file>' (an RAE "
-            "stat.pt such as the released one) or 'stores' whose statistics are used (e.g. a store extracted with "
-            "--stats element --no-mean); or set normalization: none")
-    return cfg
-
-
-class Normalizer:
-    """x = (z - mean) / std * multiplier, without the mean where there is none, and its inverse."""
-
-    def __init__(self, mean: np.ndarray | None, std: np.ndarray | None, multiplier: float = 1.0) -> None:
-        def shaped(a: np.ndarray | None) -> torch.Tensor | None:
-            if a is None:
-                return None
-            t = torch.as_tensor(np.asarray(a), dtype=torch.float32)
-            return t[:, None, None] if t.ndim == 1 else t  # per channel [C] or per element [C, h, w]
-
-        self.mean = shaped(mean)
-        self.std = shaped(std)
-        self.multiplier = float(multiplier)
-        # [1, 1, 1] rather than a 0-d tensor: a 0-d float32 would leave float16 input in float16.
-        self.scale = self.multiplier / self.std if self.std is not None else torch.full((1, 1, 1), self.multiplier)
-        self.shift = -self.mean * self.scale if self.mean is not None else None
-
-    @classmethod
-    def from_stats(cls, stats: Stats, multiplier: float = 1.0) -> "Normalizer":
-        return cls(stats.mean, stats.std, multiplier)
-
-    def to(self, device: torch.device | str) -> "Normalizer":
-        """This normalisation with its tensors on `device`: batches there then need no copy per step."""
-        moved = copy.copy(self)
-        for name in ("mean", "std", "scale", "shift"):
-            t = getattr(self, name)
-            setattr(moved, name, None if t is None else t.to(device))
-        return moved
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """float32 result; float16 input is converted in the same pass (the loader's hot path)."""
-        scale = self.scale.to(z.device)
-        if self.mean is None:
-            return torch.mul(z, scale)
-        return torch.addcmul(self.shift.to(z.device), z, scale)  # z * scale - mean * scale
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.to(torch.float32, copy=True).div_(self.scale.to(x.device))
-        return z.add_(self.mean.to(x.device)) if self.mean is not None else z
-
 
 @dataclass(frozen=True)
 class LatentInfo:
@@ -156,18 +38,6 @@ class LatentInfo:
     num_classes: int
     num_rows: int  # valid rows over all stores, or images of the online source
     stores: tuple[LatentStore, ...]  # online: the stores that supply statistics, if any
-
-
-def open_stores(urls: list[str] | None) -> tuple[LatentStore, ...]:
-    """The stores of a config, checked to agree on shape, classes and tokenizer."""
-    stores = tuple(LatentStore(url) for url in urls or ())
-    for first, s in zip(stores, stores[1:]):
-        if s.latent_shape != first.latent_shape or s.num_classes != first.num_classes:
-            raise MismatchError(f"latent stores disagree: {first.url} has shape {first.latent_shape} and {first.num_classes} "
-                             f"classes, {s.url} has {s.latent_shape} and {s.num_classes}")
-        if s.tokenizer.get("name") != first.tokenizer.get("name") or s.tokenizer.get("config") != first.tokenizer.get("config"):
-            raise MismatchError(f"latent stores {first.url} and {s.url} were made by different tokenizers")
-    return stores
 
 
 def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
@@ -193,24 +63,6 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
         if tuple(std.shape) not in (shape, (shape[0], 1, 1)):
             raise MismatchError(f"statistics {cfg.stats} are shaped {tuple(std.shape)}, the latents {shape}")
     return LatentInfo(shape, num_classes, num_rows, stores)
-
-
-def official_normalizer(cfg: DictConfig) -> Normalizer:
-    """The normalisation of the config's `stats` file (RAE's released format; std = sqrt(var + 1e-5))."""
-    from tokenizers.rae import load_official_stats
-
-    mean, std = load_official_stats(cfg.stats)
-    return Normalizer(mean, std, cfg.multiplier)
-
-
-def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = None) -> Normalizer:
-    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`)."""
-    if cfg.normalization == "none":
-        return Normalizer(None, None, cfg.multiplier)
-    if cfg.stats:
-        return official_normalizer(cfg)
-    stores = open_stores(cfg.stores) if stores is None else stores
-    return Normalizer.from_stats(combined_stats(list(stores)), cfg.multiplier)
 
 
 class BatchSchedule:
@@ -379,51 +231,3 @@ def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: 
 
         return OnlineLoader(cfg, normalizer, batch_size, seed, rank, world_size, start_step, device, info.stores)
     return LatentLoader(list(info.stores), normalizer, batch_size, seed, rank, world_size, start_step, cfg.cache_dir, cfg)
-
-
-@functools.lru_cache(maxsize=2)
-def cached_tokenizer(spec: str) -> tuple[Any, dict[str, Any]]:
-    """`latents.extract.open_tokenizer(spec)`, loaded once per process (decoding and online encoding share it).
-    Only the name and config of its provenance are compared with stores, so the weights are not hashed."""
-    from tokenizers.base import open_tokenizer
-
-    return open_tokenizer(spec, checksum=False)
-
-
-def check_made_by(tok_info: Mapping[str, Any], spec: str, store: LatentStore) -> None:
-    made_by = store.tokenizer
-    if tok_info["name"] != made_by.get("name") or tok_info["config"] != made_by.get("config"):
-        raise MismatchError(f"tokenizer {spec} ({tok_info['name']}) is not the one that made {store.url} "
-                         f"({made_by.get('name')} with config {made_by.get('config')})")
-
-
-def latent_decoder(source: BatchLoader | str | Path | Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from normalised latents (as the loader gives and a generator samples) to images in [-1, 1].
-
-    `source` is a loader from `build_latent_loader` or a latent config. The setup happens here, once: the
-    tokenizer it names is loaded and checked against the one that made the stores, the statistics are
-    read. The function runs the tokenizer on the latents' device.
-    """
-    if isinstance(source, BatchLoader):
-        if source.config is None:
-            raise ValueError("this loader was not built from a latent config (build_latent_loader), so it names no tokenizer")
-        cfg, stores, normalizer = source.config, source.stores, source.normalizer
-    else:
-        cfg = load_latent_config(source)
-        stores = open_stores(cfg.stores)
-        normalizer = normalizer_for(cfg, stores)
-    tok, tok_info = cached_tokenizer(str(cfg.tokenizer))
-    if stores:
-        check_made_by(tok_info, cfg.tokenizer, stores[0])
-
-    @torch.no_grad()
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        tok.to(latents.device)
-        return tok.decode(normalizer.denormalize(latents))
-
-    return decode
-
-
-def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
-    """`latent_decoder(source)(latents)`: for one batch; build the decoder once for many."""
-    return latent_decoder(source)(latents)

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from core.errors import MismatchError
 from core.config import named_config, to_dict
+from core.errors import MismatchError
 from core.images import Skipping, build_source
 from core.log import get_logger
-from latents.dataset import BatchLoader, BatchSchedule, Normalizer, cached_tokenizer
+from latents.dataset import BatchLoader, BatchSchedule
+from latents.decode import cached_tokenizer
+from latents.normalize import Normalizer
 from latents.store import LatentStore
 
 log = get_logger("latents.online")

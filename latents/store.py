@@ -344,3 +344,23 @@ def combined_stats(stores: list[LatentStore]) -> Stats:
 def jsonable(value: Any) -> Any:
     """What a value reads back as after a trip through Zarr's JSON attributes."""
     return json.loads(json.dumps(value))
+
+
+def open_stores(urls: list[str] | None) -> tuple[LatentStore, ...]:
+    """The stores of a config, checked to agree on shape, classes and tokenizer."""
+    stores = tuple(LatentStore(url) for url in urls or ())
+    for first, s in zip(stores, stores[1:]):
+        if s.latent_shape != first.latent_shape or s.num_classes != first.num_classes:
+            raise MismatchError(f"latent stores disagree: {first.url} has shape {first.latent_shape} and {first.num_classes} "
+                             f"classes, {s.url} has {s.latent_shape} and {s.num_classes}")
+        if s.tokenizer.get("name") != first.tokenizer.get("name") or s.tokenizer.get("config") != first.tokenizer.get("config"):
+            raise MismatchError(f"latent stores {first.url} and {s.url} were made by different tokenizers")
+    return stores
+
+
+def check_made_by(tok_info: dict[str, Any], spec: str, store: LatentStore) -> None:
+    """Refuse a tokenizer (its provenance, `tokenizers.base.describe`) other than the one that made `store`."""
+    made_by = store.tokenizer
+    if tok_info["name"] != made_by.get("name") or tok_info["config"] != made_by.get("config"):
+        raise MismatchError(f"tokenizer {spec} ({tok_info['name']}) is not the one that made {store.url} "
+                         f"({made_by.get('name')} with config {made_by.get('config')})")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from core.checkpoint import save_safetensors
 from core.errors import MismatchError, UserError
+from core.integrity import sha256_file
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
 
@@ -151,23 +152,13 @@ def open_tokenizer(spec: str, checksum: bool = True) -> tuple[Tokenizer, dict[st
     tok = TOKENIZERS[family].load_official(path, **dict(parse_overrides(options)))
     info = describe(tok)
     if checksum and Path(path).is_file():
-        info["checkpoint_sha256"] = sha256_of(path)
+        info["checkpoint_sha256"] = sha256_file(path)
     return tok.eval(), info
-
-
-def sha256_of(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe(tok: Tokenizer, folder: str | Path | None = None) -> dict[str, Any]:
     """Provenance for a latent store: family, config and the weights' sha256."""
     info: dict[str, Any] = {"name": tok.name, "config": json.loads(json.dumps(tok.config))}
     if folder is not None and (Path(folder) / "model.safetensors").is_file():
-        info["checkpoint_sha256"] = sha256_of(Path(folder) / "model.safetensors")
+        info["checkpoint_sha256"] = sha256_file(Path(folder) / "model.safetensors")
     return info

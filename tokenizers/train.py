@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from core.errors import UserError
 from core import cli
 from core.checkpoint import atomic_path, load_safetensors
 from core.cli import UsageError, config_help, groups_help, wants_help
@@ -63,7 +64,7 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __init__(self, n: int, global_batch: int, seed: int, start: int, rank: int, world: int):
         if n < global_batch:
-            raise ValueError(f"the data set has {n} images, fewer than one batch ({global_batch})")
+            raise UserError(f"the data set has {n} images, fewer than one batch ({global_batch})")
         self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
         self.local = global_batch // world
         self.offset = rank * self.local

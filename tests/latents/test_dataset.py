@@ -5,9 +5,10 @@ from omegaconf import OmegaConf
 
 from core.config import ConfigError
 from core.images import SyntheticSource
-from latents.dataset import (
-    LatentLoader, Normalizer, build_latent_loader, decode_latents, latent_info, load_latent_config,
-)
+from latents.config import load_latent_config
+from latents.dataset import LatentLoader, build_latent_loader, latent_info
+from latents.decode import decode_latents
+from latents.normalize import Normalizer
 from latents.extract import ExtractSettings, extract
 from tokenizers.base import open_tokenizer
 

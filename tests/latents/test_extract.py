@@ -16,7 +16,8 @@ from core.images import SyntheticSource, center_crop_arr, decode, to_tensor
 from core.log import read_jsonl
 from core.runtime import derived_seed
 from latents import store as zs
-from latents.dataset import build_latent_loader, decode_latents
+from latents.dataset import build_latent_loader
+from latents.decode import decode_latents
 from core.data import load_data_config
 from latents.extract import ExtractSettings, StrictError, extract, log_path, main
 from tokenizers.base import open_tokenizer

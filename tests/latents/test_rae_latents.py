@@ -8,7 +8,9 @@ from omegaconf import OmegaConf
 
 from core.config import ConfigError
 from core.images import SyntheticSource, default_workers
-from latents.dataset import BatchSchedule, build_latent_loader, decode_latents, latent_info, load_latent_config
+from latents.config import load_latent_config
+from latents.dataset import BatchSchedule, build_latent_loader, latent_info
+from latents.decode import decode_latents
 from latents.extract import main as extract_main
 from tokenizers.base import open_tokenizer
 from tokenizers.rae import RAE, STATS_EPS

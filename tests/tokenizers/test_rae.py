@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from core.runtime import step_generators
 from tokenizers.base import open_tokenizer
 from tokenizers import rae as rae_mod
-from tokenizers.base import sha256_of
+from core.integrity import sha256_file
 from tokenizers.encoders import ENCODERS
 from tokenizers.rae import DECODERS, RAE, ViTDecoder, build_rae_encoder, load_official_stats, noise_augment
 
@@ -276,7 +276,7 @@ def test_official_decoder_loads_strictly(small_encoders, tmp_path):
     # the same file from the command line's `family:path,options` spec; the encoder must be named
     tok, info = open_tokenizer(f"rae:{path},encoder=siglip2_b,decoder=tiny,random_init=true")
     assert tok.config["encoder"] == "siglip2_b" and torch.equal(tok.decode(z), src.decode(z))
-    assert info["checkpoint_sha256"] == sha256_of(path)
+    assert info["checkpoint_sha256"] == sha256_file(path)
     with pytest.raises(ValueError, match=r"needs the encoder.*rae:.*model.pt,encoder="):
         open_tokenizer(f"rae:{path}")
     with pytest.raises(KeyError, match="missing.*decoder_pos_embed"):
@@ -318,7 +318,7 @@ def test_official_statistics_without_mean(tmp_path):
     assert mean is None and std.dtype == np.float32 and std.shape == (768, 16, 16)
     assert np.allclose(std, np.sqrt(var.numpy() + 1e-5))
     # the latent stage divides by std only
-    from latents.dataset import Normalizer
+    from latents.normalize import Normalizer
 
     z = torch.randn(2, 768, 16, 16)
     assert torch.allclose(Normalizer(mean, std).normalize(z), z / torch.sqrt(var + 1e-5), atol=1e-6)

@@ -1,0 +1,54 @@
+"""Decoding generated latents: the tokenizer a latent config names, checked against the stores it made."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from latents.config import load_latent_config
+from latents.dataset import BatchLoader
+from latents.normalize import normalizer_for
+from latents.store import check_made_by, open_stores
+
+
+@functools.lru_cache(maxsize=2)
+def cached_tokenizer(spec: str) -> tuple[Any, dict[str, Any]]:
+    """`latents.extract.open_tokenizer(spec)`, loaded once per process (decoding and online encoding share it).
+    Only the name and config of its provenance are compared with stores, so the weights are not hashed."""
+    from tokenizers.base import open_tokenizer
+
+    return open_tokenizer(spec, checksum=False)
+
+
+def latent_decoder(source: BatchLoader | str | Path | Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from normalised latents (as the loader gives and a generator samples) to images in [-1, 1].
+
+    `source` is a loader from `build_latent_loader` or a latent config. The setup happens here, once: the
+    tokenizer it names is loaded and checked against the one that made the stores, the statistics are
+    read. The function runs the tokenizer on the latents' device.
+    """
+    if isinstance(source, BatchLoader):
+        if source.config is None:
+            raise ValueError("this loader was not built from a latent config (build_latent_loader), so it names no tokenizer")
+        cfg, stores, normalizer = source.config, source.stores, source.normalizer
+    else:
+        cfg = load_latent_config(source)
+        stores = open_stores(cfg.stores)
+        normalizer = normalizer_for(cfg, stores)
+    tok, tok_info = cached_tokenizer(str(cfg.tokenizer))
+    if stores:
+        check_made_by(tok_info, cfg.tokenizer, stores[0])
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        tok.to(latents.device)
+        return tok.decode(normalizer.denormalize(latents))
+
+    return decode
+
+
+def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:
+    """`latent_decoder(source)(latents)`: for one batch; build the decoder once for many."""
+    return latent_decoder(source)(latents)

@@ -1,0 +1,69 @@
+"""Latent normalisation: x = (z - mean) / std * multiplier, from a store's statistics or a released statistics file."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from latents.store import LatentStore, Stats, combined_stats, open_stores
+
+
+class Normalizer:
+    """x = (z - mean) / std * multiplier, without the mean where there is none, and its inverse."""
+
+    def __init__(self, mean: np.ndarray | None, std: np.ndarray | None, multiplier: float = 1.0) -> None:
+        def shaped(a: np.ndarray | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            t = torch.as_tensor(np.asarray(a), dtype=torch.float32)
+            return t[:, None, None] if t.ndim == 1 else t  # per channel [C] or per element [C, h, w]
+
+        self.mean = shaped(mean)
+        self.std = shaped(std)
+        self.multiplier = float(multiplier)
+        # [1, 1, 1] rather than a 0-d tensor: a 0-d float32 would leave float16 input in float16.
+        self.scale = self.multiplier / self.std if self.std is not None else torch.full((1, 1, 1), self.multiplier)
+        self.shift = -self.mean * self.scale if self.mean is not None else None
+
+    @classmethod
+    def from_stats(cls, stats: Stats, multiplier: float = 1.0) -> "Normalizer":
+        return cls(stats.mean, stats.std, multiplier)
+
+    def to(self, device: torch.device | str) -> "Normalizer":
+        """This normalisation with its tensors on `device`: batches there then need no copy per step."""
+        moved = copy.copy(self)
+        for name in ("mean", "std", "scale", "shift"):
+            t = getattr(self, name)
+            setattr(moved, name, None if t is None else t.to(device))
+        return moved
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """float32 result; float16 input is converted in the same pass (the loader's hot path)."""
+        scale = self.scale.to(z.device)
+        if self.mean is None:
+            return torch.mul(z, scale)
+        return torch.addcmul(self.shift.to(z.device), z, scale)  # z * scale - mean * scale
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.to(torch.float32, copy=True).div_(self.scale.to(x.device))
+        return z.add_(self.mean.to(x.device)) if self.mean is not None else z
+
+
+def official_normalizer(cfg: DictConfig) -> Normalizer:
+    """The normalisation of the config's `stats` file (RAE's released format; std = sqrt(var + 1e-5))."""
+    from tokenizers.rae import load_official_stats
+
+    mean, std = load_official_stats(cfg.stats)
+    return Normalizer(mean, std, cfg.multiplier)
+
+
+def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = None) -> Normalizer:
+    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`)."""
+    if cfg.normalization == "none":
+        return Normalizer(None, None, cfg.multiplier)
+    if cfg.stats:
+        return official_normalizer(cfg)
+    stores = open_stores(cfg.stores) if stores is None else stores
+    return Normalizer.from_stats(combined_stats(list(stores)), cfg.multiplier)
