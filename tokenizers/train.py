@@ -129,7 +129,7 @@ def save_grid(images: torch.Tensor, recon: torch.Tensor, path: Path) -> None:
 def train(family_name: str, cfg: DictConfig) -> Path:
     """Train (or resume) one tokenizer run; returns the run folder. The exported tokenizer is in `<run>/tokenizer`."""
     if family_name not in FAMILIES:
-        raise ConfigError(f"unknown tokenizer family {family_name!r}; trainable here: {sorted(FAMILIES)}")
+        raise ConfigError(f"unknown tokenizer family {family_name!r}; trainable here: {', '.join(sorted(FAMILIES))}")
     run_dir = cfg.run.dir or f"runs/tokenizer/{family_name}"
     acc = make_accelerator(cfg.train.precision, cfg.train.log_with, run_dir)
     seed_everything(cfg.train.seed)
@@ -303,7 +303,7 @@ USAGE = "usage: python -m tokenizers.train <family> [preset=NAME] [data=NAME] [k
 def usage(family: str | None) -> str:
     if family is None:
         lines = [USAGE, "", "families (`python -m tokenizers.train <family> --help` lists its keys):"]
-        lines += [f"  {name}: {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in FAMILIES.items()]
+        lines += [f"  {name}: {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in sorted(FAMILIES.items())]
     else:
         lines = [USAGE.replace("<family>", family), "", config_help("tokenizer", family)]
     return "\n".join(lines + ["", "config groups (NAME=<name>):", groups_help("data", "preset")])
@@ -316,7 +316,7 @@ def main(argv: list[str]) -> Path | None:
     if family is not None and family not in FAMILIES:
         close = difflib.get_close_matches(family, list(FAMILIES), n=1)
         raise ConfigError(f"unknown tokenizer family {family!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                          + f"; trainable here: {', '.join(FAMILIES)}")
+                          + f"; trainable here: {', '.join(sorted(FAMILIES))}")
     if wants_help(positional):
         print(usage(family))
         return None
