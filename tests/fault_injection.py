@@ -8,7 +8,8 @@
 3. runs the same command again (in this process: a fresh start, the dead process's lock is stale) and
    returns both results, which the caller compares bit for bit.
 Both in-process runs and the subprocess use one thread, so floating-point reductions agree.
-`LATENTKIT_FAULT_RUNS=N` repeats steps 2-3 N times (the 50-in-a-row check), each at a new random point.
+`LATENTKIT_FAULT_RUNS=N` repeats steps 2-3 N times (the 50-in-a-row check), each at a new random point; run it with
+`-o timeout=0`, since N kills of one command outlast the suite's 600 s per-test limit.
 """
 from __future__ import annotations
 
