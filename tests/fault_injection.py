@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,3 +95,4 @@ def kill_and_rerun(case: Case, root: Path, monkeypatch) -> None:
         assert proc.returncode == -signal.SIGKILL, f"{where}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         rerun = run_here(case, out, monkeypatch)
         assert rerun == reference, f"{where}: the rerun differs from an uninterrupted run"
+        shutil.rmtree(out)  # fifty RAE runs keep ~25 GB otherwise; a failing one is kept to look at
