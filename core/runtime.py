@@ -22,7 +22,7 @@ from accelerate.utils import DataLoaderConfiguration
 from omegaconf import DictConfig, OmegaConf
 
 from core import faults
-from core.checkpoint import save_safetensors, load_safetensors
+from core.checkpoint import atomic_path, load_safetensors, save_safetensors
 from core.config import ConfigError
 from core.errors import CorruptFileError, UserError
 from core.integrity import MANIFEST, folder_problems, write_manifest
@@ -117,6 +117,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def keep_setup(path: Path, setup: dict[str, Any], what: str, remedy: str) -> dict[str, Any]:
+    """Write the settings a resumable folder's partial results belong to (`path`, a JSON file), or check that those
+    already there are the same: partial results of other settings must never be mixed into these. Returns the
+    settings as stored (JSON types)."""
+    setup = json.loads(json.dumps(setup))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != setup:
+            differ = sorted(k for k in old.keys() | setup.keys() if old.get(k) != setup.get(k))
+            raise UserError(f"{path.parent} holds {what} with other settings (they differ in: {', '.join(differ)}); {remedy}")
+        return setup
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(setup, indent=2))
+    return setup
 
 
 class RunFolder:

@@ -42,6 +42,10 @@ def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | 
             raise ValueError(f"labels must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
         arrays["arr_1"] = labels
     with atomic_path(path) as tmp:
-        # A file object, not a name: np.savez would append ".npz" to a name that lacks it.
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        save_npz(tmp, **arrays)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez to exactly `path` (given a name without ".npz", np.savez would append it)."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)

@@ -27,7 +27,7 @@ from core import integrity
 from core.checkpoint import atomic_path, check_keys, load_torch_weights
 from core.errors import UserError
 from core.log import get_logger
-from core.samples import check_uint8_nhwc
+from core.samples import check_uint8_nhwc, save_npz
 
 WEIGHTS_ENV = "LATENTKIT_INCEPTION_WEIGHTS"
 WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
@@ -198,11 +198,7 @@ class _FeatureCache:
         return feats
 
     def save(self, index: int, feats: dict[str, np.ndarray]) -> None:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **feats)
-
-        integrity.write_recorded(self._file(index), write)
+        integrity.write_recorded(self._file(index), lambda tmp: save_npz(tmp, **feats))
 
 
 def _chunk_loaders(images, chunk_size: int) -> Iterator[tuple[Callable[[], np.ndarray], int | None]]:

@@ -22,10 +22,10 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from core.checkpoint import atomic_path
-from core.errors import UserError
 from core.lock import WriterLock
 from core.log import get_logger
 from core.provenance import code_version
+from core.runtime import keep_setup
 from eval.fid import WEIGHTS_ENV, WEIGHTS_FILENAME, InceptionFeatures
 from eval.metrics import PIPELINE_TEST_HEADER, format_metrics
 
@@ -63,22 +63,12 @@ def prepare_out_dir(out: Path, setup: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns the setup as stored (JSON types).
     """
-    setup = json.loads(json.dumps(setup))
     WriterLock(out.with_name(out.name + ".lock"), f"evaluation folder {out}").acquire()  # held until the process ends
-    path = out / "setup.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != setup:
-            differ = sorted(k for k in old.keys() | setup.keys() if old.get(k) != setup.get(k))
-            raise UserError(
-                f"{out} holds an evaluation with other settings (they differ in: {', '.join(differ)}); "
-                "its cached features do not belong to this one: give another --out, or delete the folder"
-            )
+    resumed = (out / "setup.json").is_file()
+    setup = keep_setup(out / "setup.json", setup, "an evaluation", "its cached features do not belong to this one: "
+                       "give another --out, or delete the folder")
+    if resumed:
         log.info("resuming in %s: finished feature chunks are reused", out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(setup, indent=2))
     return setup
 
 

@@ -27,13 +27,13 @@ from core import cli
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.cli import UsageError
 from core.config import apply_overrides, compose, parse_overrides, split_cli, to_dict
-from core.errors import CorruptFileError, MismatchError, UserError
-from core.integrity import check, problem, sha256_file, write_recorded
+from core.errors import CorruptFileError, MismatchError
+from core.integrity import problem, sha256_file, write_recorded
 from core.lock import WriterLock
 from core.log import get_logger
 from core.provenance import code_version, provenance_file
-from core.runtime import checkpoint_problems, latest_checkpoint, make_accelerator, progress
-from core.samples import save_samples_npz, to_uint8
+from core.runtime import checkpoint_problems, keep_setup, latest_checkpoint, make_accelerator, progress
+from core.samples import save_npz, save_samples_npz, to_uint8
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
 from generators.registry import build_generator
@@ -102,12 +102,13 @@ def finished_checkpoint(path: Path) -> Path:
     return last
 
 
-def load_model(args: argparse.Namespace, cfg: DictConfig) -> torch.nn.Module:
+def load_model(args: argparse.Namespace, cfg: DictConfig, ckpt: Path | None = None) -> torch.nn.Module:
+    """The official file, or the EMA weights of `ckpt` (default: the run's checkpoint, checked against its manifest)."""
     model = build_generator(cfg.model)
     if args.official:
         model.load_official_state_dict(load_torch_weights(args.official))
         return model.eval()
-    ckpt = finished_checkpoint(Path(args.checkpoint) if args.checkpoint else Path(args.run))
+    ckpt = ckpt or finished_checkpoint(Path(args.checkpoint or args.run))
     model.load_state_dict(load_safetensors(ckpt / "ema.safetensors"), strict=True)
     log.info("EMA weights from %s", ckpt)
     return model.eval()
@@ -179,18 +180,18 @@ def sample_chunk(model, cfg: DictConfig, decode: Callable[[torch.Tensor], torch.
     return np.concatenate(out)
 
 
-def sample_provenance(args: argparse.Namespace, cfg: DictConfig) -> dict[str, Any]:
+def sample_provenance(args: argparse.Namespace, cfg: DictConfig, ckpt: Path | None) -> dict[str, Any]:
     """What the samples depend on, for their record `<out>.json` (eval.gen puts it in metrics.json): the
     generator's and guide's weights with their sha256, the labels, every sampling setting, the code version.
 
-    Taken before sampling, so a run that saves a newer checkpoint meanwhile is not named for the one used.
+    `ckpt`: the checkpoint the weights came from (None for an official file), resolved once before sampling, so
+    a run that saves a newer checkpoint meanwhile is not named for the one used.
     """
     if args.official:
         generator = {"official_file": str(Path(args.official).resolve()), "sha256": sha256_file(args.official),
                      "ema": "unknown: official file (its 'ema' entry is used if it has one)"}
     else:
-        ckpt = finished_checkpoint(Path(args.checkpoint or args.run)).resolve()
-        generator = {"run": str(Path(args.run).resolve()), "checkpoint": str(ckpt), "ema": True,
+        generator = {"run": str(Path(args.run).resolve()), "checkpoint": str(ckpt.resolve()), "ema": True,
                      "sha256": sha256_file(ckpt / "ema.safetensors")}
     ag = cfg.sample.get("autoguidance")
     guide = None
@@ -219,16 +220,19 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     parts = out.with_name(out.stem + ".parts")
     lock = WriterLock(out.with_name(out.name + ".lock"), f"samples {out}").acquire() if acc.is_main_process else None
-    model = load_model(args, cfg).to(acc.device)
+    # Resolved and checked once: verifying a checkpoint reads every byte of it.
+    ckpt = None if args.official else finished_checkpoint(Path(args.checkpoint or args.run))
+    model = load_model(args, cfg, ckpt).to(acc.device)
     guide = load_guide(cfg)
     guide = guide.to(acc.device) if guide is not None else None
-    provenance = sample_provenance(args, cfg) if acc.is_main_process else None
+    provenance = sample_provenance(args, cfg, ckpt) if acc.is_main_process else None
     decode = latent_decoder(load_latent_config(cfg.latent, cfg.get("preset")))
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
     if acc.is_main_process:
-        check_parts_setup(parts, {"num": args.num, "part_size": args.part_size, "labels": args.labels, "model": to_dict(cfg.model),
-                                  "sample": to_dict(cfg.sample), "latent": str(cfg.latent),
-                                  "weights": args.official or str(finished_checkpoint(Path(args.checkpoint or args.run)))})
+        keep_setup(parts / "setup.json", {"num": args.num, "part_size": args.part_size, "labels": args.labels,
+                                          "model": to_dict(cfg.model), "sample": to_dict(cfg.sample), "latent": str(cfg.latent),
+                                          "weights": args.official or str(ckpt)},
+                   "the parts of an interrupted sampling run", "run it with the same settings to finish it, or delete the folder")
     acc.wait_for_everyone()
     starts = list(range(0, args.num, args.part_size))
     mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
@@ -243,7 +247,8 @@ def main(argv: list[str]) -> None:
         write_recorded(part, lambda tmp: save_npz(tmp, images=images))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        images = np.concatenate([np.load(check(parts / f"{s:08d}.npz"))["images"] for s in starts])
+        # Every part was checked (or written) by the process that owns it in the loop above.
+        images = np.concatenate([np.load(parts / f"{s:08d}.npz")["images"] for s in starts])
         save_samples_npz(out, images, labels)
         with atomic_path(provenance_file(out)) as tmp:  # before the parts go: a crash here resumes
             tmp.write_text(json.dumps({**provenance, "samples_sha256": sha256_file(out)}, indent=2))
@@ -251,27 +256,6 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(parts)
         lock.release()
         log.info("wrote %d samples to %s (grid: %s)", len(images), out, out.with_suffix(".png"))
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name without it
-        np.savez(f, **arrays)
-
-
-def check_parts_setup(parts: Path, setup: dict) -> None:
-    """Parts left by an interrupted run are reused only by a run with the same settings."""
-    path = parts / "setup.json"
-    setup = json.loads(json.dumps(setup))
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != setup:
-            differ = sorted(k for k in old.keys() | setup.keys() if old.get(k) != setup.get(k))
-            raise UserError(f"{parts} holds the parts of an interrupted sampling run with other settings ({', '.join(differ)} "
-                            "differ); run it with the same settings to finish it, or delete the folder")
-        return
-    parts.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(setup, indent=1))
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, path: Path, per_class: int = 8,
