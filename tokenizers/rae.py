@@ -29,6 +29,8 @@ from core.positions import sincos_pos_embed_2d
 from tokenizers.base import Tokenizer, register
 from tokenizers.encoders import ENCODERS, FrozenEncoder, build_encoder
 
+# RAE's encoders by their names in configs (`encoder=dinov2_b`) -> tokenizers.encoders names.
+RAE_ENCODERS = {"dinov2_b": "dinov2_b_reg", "siglip2_b": "siglip2_b", "mae_b": "mae_b"}
 PATCH = 16  # output pixels per latent position, each side
 NOISE_TAU = 0.8  # decoder-training noise level of the released decoders (`n08`)
 STATS_EPS = 1e-5  # z / sqrt(var + eps) with the released statistics
@@ -272,21 +274,15 @@ class RAE(Tokenizer):
 
     @classmethod
     def variants(cls) -> tuple[str, ...]:
-        from tokenizers.rae_train import RAE_ENCODERS  # not at the top: rae_train imports this module
-
         return tuple(RAE_ENCODERS)
 
     @classmethod
     def released_config(cls, variant: str = "") -> dict[str, Any]:
-        from tokenizers.rae_train import RAE_ENCODERS
-
         # random_init: the released encoder's weights are not needed for its shapes.
         return dict(encoder=RAE_ENCODERS[variant], random_init=True)
 
     @classmethod
     def tiny_config(cls, variant: str, image_size: int) -> dict[str, Any]:
-        from tokenizers.rae_train import RAE_ENCODERS
-
         return dict(encoder=RAE_ENCODERS[variant], decoder="tiny", image_size=image_size, random_init=True)
 
 

@@ -16,12 +16,9 @@ from core.images import build_source
 from tokenizers.base import Tokenizer
 from tokenizers.discriminators import DinoDiscriminator, diff_augment
 from tokenizers.losses import build_lpips
-from tokenizers.rae import DECODERS, PATCH, RAE, noise_augment
+from tokenizers.rae import DECODERS, PATCH, RAE, RAE_ENCODERS, noise_augment
 from tokenizers.recipe import Family, trainable
 
-
-# RAE's encoders by their names in configs (`encoder=dinov2_b`) -> tokenizers.encoders names.
-RAE_ENCODERS = {"dinov2_b": "dinov2_b_reg", "siglip2_b": "siglip2_b", "mae_b": "mae_b"}
 
 
 def rae_encoder_name(name: str) -> str:
