@@ -2,12 +2,14 @@
 
 Weights come from a local file or the local Hugging Face cache; nothing is downloaded. With neither,
 `build_encoder` stops with a message naming the model and how to supply it; `random_init=True`
-builds the same architecture with random weights for tests and demos.
+builds the same architecture with random weights for tests and demos. `build_feature_encoder` is the
+same encoders as REPA's alignment target: its preprocessing and a position table fixed at load.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -16,6 +18,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
 from core.errors import UnknownNameError, UserError
+from core.integrity import sha256_file
 from core.log import get_logger
 
 log = get_logger(__name__)
@@ -30,31 +33,35 @@ class EncoderSpec:
     image_size: int  # side of the image the encoder is fed; inputs of another size are resized to it
     patch_size: int
     prefix_tokens: int  # class + register tokens, dropped from the output
+    feature_dim: int  # width of each token, known without building the model
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     timm_kwargs: dict = field(default_factory=dict)  # architecture settings timm's defaults get wrong
 
 
 ENCODERS: dict[str, EncoderSpec] = {
-    "dinov2_b": EncoderSpec("vit_base_patch14_dinov2.lvd142m", 224, 14, 1, IMAGENET_MEAN, IMAGENET_STD),
-    "dinov2_b_reg": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 224, 14, 5, IMAGENET_MEAN, IMAGENET_STD),
-    "dinov2_l": EncoderSpec("vit_large_patch14_dinov2.lvd142m", 224, 14, 1, IMAGENET_MEAN, IMAGENET_STD),
-    "dinov2_l_reg": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 224, 14, 5, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_b": EncoderSpec("vit_base_patch14_dinov2.lvd142m", 224, 14, 1, 768, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_b_reg": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 224, 14, 5, 768, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_l": EncoderSpec("vit_large_patch14_dinov2.lvd142m", 224, 14, 1, 1024, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_l_reg": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 224, 14, 5, 1024, IMAGENET_MEAN, IMAGENET_STD),
     # SigLIP has no class token (it pools with a MAP head, which we do not use). Its MLP uses the tanh
     # GELU (big_vision, HF); timm's default exact GELU changes the features by ~1e-3.
     "siglip2_b": EncoderSpec(
-        "vit_base_patch16_siglip_256.v2_webli", 256, 16, 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), {"act_layer": "gelu_tanh"}
+        "vit_base_patch16_siglip_256.v2_webli", 256, 16, 0, 768, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), {"act_layer": "gelu_tanh"}
     ),
-    "mae_b": EncoderSpec("vit_base_patch16_224.mae", 224, 16, 1, IMAGENET_MEAN, IMAGENET_STD),
-    "dinov3_b": EncoderSpec("vit_base_patch16_dinov3.lvd1689m", 256, 16, 5, IMAGENET_MEAN, IMAGENET_STD),
+    "mae_b": EncoderSpec("vit_base_patch16_224.mae", 224, 16, 1, 768, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov3_b": EncoderSpec("vit_base_patch16_dinov3.lvd1689m", 256, 16, 5, 768, IMAGENET_MEAN, IMAGENET_STD),
     # DINO (v1) ViT-S/8, the frozen backbone of RAE's discriminator, which runs it with the tanh GELU
     # (its own ViT code) although DINO was trained with the exact one.
     "dino_s8": EncoderSpec(
-        "vit_small_patch8_224.dino", 224, 8, 1, IMAGENET_MEAN, IMAGENET_STD, {"act_layer": "gelu_tanh"}
+        "vit_small_patch8_224.dino", 224, 8, 1, 384, IMAGENET_MEAN, IMAGENET_STD, {"act_layer": "gelu_tanh"}
     ),
 }
 
 RESIZE_MODES = ("bicubic", "bilinear")
+# Random weights of a REPA target encoder come from this seed, so that every process, a resumed extraction
+# and an online loader build the same random network (tests and demos).
+FEATURE_RANDOM_SEED = 0
 
 
 class FrozenEncoder(torch.nn.Module):
@@ -65,10 +72,13 @@ class FrozenEncoder(torch.nn.Module):
     """
 
     def __init__(
-        self, model: torch.nn.Module, spec: EncoderSpec, image_size: int, normalize: bool, resize_mode: str
+        self, model: torch.nn.Module, spec: EncoderSpec, image_size: int, normalize: bool, resize_mode: str,
+        normalize_first: bool = False, input_size: int | None = None, name: str = "",
+        weights_file: Path | None = None, random_init: bool = False,
     ):
         super().__init__()
         self.model = model
+        self.name = name
         self.timm_name = spec.timm_name
         self.image_size = image_size
         self.patch_size = spec.patch_size
@@ -76,7 +86,10 @@ class FrozenEncoder(torch.nn.Module):
         self.feature_dim: int = model.embed_dim
         self.grid = image_size // spec.patch_size  # tokens per side
         self.normalize = normalize
+        self.normalize_first = normalize_first
+        self.input_size = input_size  # when set, the only side of image taken (the resize target depends on it)
         self.resize_mode = resize_mode
+        self.weights_file, self.random_init = weights_file, random_init  # provenance (`provenance()`)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -87,16 +100,57 @@ class FrozenEncoder(torch.nn.Module):
         return super().train(False)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """What the backbone sees: resized to `image_size` (no antialias), then mean/std-normalised if asked."""
+        """What the backbone sees: resized to `image_size` (bicubic or bilinear, no antialias) and mean/std-normalised
+        if asked; resized first, or normalised first when `normalize_first` (REPA's order)."""
+        if self.input_size is not None and tuple(images.shape[-2:]) != (self.input_size,) * 2:
+            raise ValueError(f"encoder {self.name} was built for {self.input_size} px images (fed {self.image_size} px), "
+                             f"got {tuple(images.shape[-2:])}")
+        if self.normalize_first:
+            return self._resize(self._normalize(images))
+        return self._normalize(self._resize(images))
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(images, size=(self.image_size,) * 2, mode=self.resize_mode, align_corners=False)
-        if self.normalize:
-            images = ((images + 1) / 2 - self.mean) / self.std
         return images
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images + 1) / 2 - self.mean) / self.std if self.normalize else images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.model.forward_features(self.pixels(images))
         return tokens[:, self.prefix_tokens :]
+
+    def provenance(self) -> dict[str, Any]:
+        """What the features depend on, for a latent store's attributes (reads the weights file for its sha256)."""
+        return {
+            "encoder": self.name, "timm_name": self.timm_name, "input_size": self.input_size, "image_size": self.image_size,
+            "grid": self.grid, "tokens": self.grid**2, "dim": self.feature_dim, "random_init": self.random_init,
+            "weights_file": None if self.weights_file is None else str(self.weights_file),
+            "weights_sha256": None if self.weights_file is None else sha256_file(self.weights_file),
+        }
+
+
+def _spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise UnknownNameError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def _create_model(
+    name: str, spec: EncoderSpec, weights: str | Path | None, random_init: bool, **kwargs: Any
+) -> tuple[torch.nn.Module, Path | None]:
+    """The timm model with pretrained weights (a file or the HF cache) or random ones; and the weights file."""
+    if weights is not None and random_init:
+        raise ValueError("give either weights or random_init=True, not both")
+    kwargs = dict(num_classes=0, **spec.timm_kwargs, **kwargs)
+    if random_init:
+        log.warning("encoder %s (%s) has RANDOM weights: for tests and demos only", name, spec.timm_name)
+        return timm.create_model(spec.timm_name, pretrained=False, **kwargs), None
+    file = _weights_file(name, spec.timm_name, weights)
+    log.info("encoder %s (%s): loading %s", name, spec.timm_name, file)
+    model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
+    return model, file
 
 
 def build_encoder(
@@ -113,28 +167,56 @@ def build_encoder(
     img_size: side the encoder is fed (default: the spec's); must be a multiple of the patch size.
     normalize: map [-1, 1] pixels to the encoder's mean/std (VA-VAE's VF loss feeds raw [-1, 1]).
     """
-    if name not in ENCODERS:
-        raise UnknownNameError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
-    if weights is not None and random_init:
-        raise ValueError("give either weights or random_init=True, not both")
+    spec = _spec(name)
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-    spec = ENCODERS[name]
     image_size = img_size or spec.image_size
     if image_size % spec.patch_size:
         raise UserError(f"{name}: image size {image_size} is not a multiple of the patch size {spec.patch_size}")
-
     # dynamic_img_size: the position embedding is resampled to the token grid at every forward, as
     # the official VA-VAE VF loss does for DINOv2 at 224 px; the pretrained table is loaded unchanged.
-    kwargs = dict(num_classes=0, dynamic_img_size=True, **spec.timm_kwargs)
-    if random_init:
-        log.warning("encoder %s (%s) has RANDOM weights: for tests and demos only", name, spec.timm_name)
-        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-    else:
-        file = _weights_file(name, spec.timm_name, weights)
-        log.info("encoder %s (%s): loading %s", name, spec.timm_name, file)
-        model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
-    return FrozenEncoder(model, spec, image_size, normalize, resize_mode)
+    model, file = _create_model(name, spec, weights, random_init, dynamic_img_size=True)
+    return FrozenEncoder(model, spec, image_size, normalize, resize_mode, name=name, weights_file=file,
+                         random_init=random_init)
+
+
+def feature_input_size(name: str, image_size: int) -> int:
+    """Side REPA feeds encoder `name` for images of `image_size` px: 224 * size / 256 for the patch-14 DINOv2
+    encoders (224 at 256 px, 448 at 512), the image size itself for patch-16 ones (MAE, DINOv3, SigLIP)."""
+    spec = _spec(name)
+    side = image_size * 224 / 256 if spec.patch_size == 14 else image_size
+    if side != int(side) or int(side) % spec.patch_size:
+        raise UserError(f"REPA features of {name}: {image_size} px images would feed it {side:g} px, not a multiple of "
+                        f"its patch size {spec.patch_size}; use an image size that is a multiple of 16")
+    return int(side)
+
+
+def feature_shape(name: str, image_size: int) -> tuple[int, int]:
+    """(tokens, dim) of `build_feature_encoder(name, image_size=image_size)`, without building it."""
+    grid = feature_input_size(name, image_size) // ENCODERS[name].patch_size
+    return grid * grid, ENCODERS[name].feature_dim
+
+
+def build_feature_encoder(
+    name: str, weights: str | Path | None = None, random_init: bool = False, image_size: int = 256
+) -> FrozenEncoder:
+    """REPA's target encoder (sihyun-yu/REPA): images of `image_size` px in [-1, 1] -> final-norm patch tokens
+    `[B, tokens, dim]`, class and register tokens dropped (`feature_shape`).
+
+    As the official code: [0, 1], ImageNet (the encoder's) mean/std, THEN bicubic resize to
+    `feature_input_size` (bicubic weights sum to one, so the order changes only rounding). The position table
+    is resampled once at load to the token grid (timm's resample_abs_pos_embed when the model is created at
+    that img_size), not at every forward, so only images of `image_size` px are taken.
+    `random_init`: seeded random weights (FEATURE_RANDOM_SEED), the same in every process, for tests and demos.
+    """
+    spec = _spec(name)
+    side = feature_input_size(name, image_size)
+    # The caller's random stream is left as it was: building a model draws from it, pretrained or not.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FEATURE_RANDOM_SEED)
+        model, file = _create_model(name, spec, weights, random_init, img_size=side, dynamic_img_size=False)
+    return FrozenEncoder(model, spec, side, normalize=True, resize_mode="bicubic", normalize_first=True,
+                         input_size=image_size, name=name, weights_file=file, random_init=random_init)
 
 
 def _weights_file(name: str, timm_name: str, weights: str | Path | None) -> Path:

@@ -36,6 +36,7 @@ def test_spec_agrees_with_timm(name):
     assert tuple(enc.model.patch_embed.patch_size) == (spec.patch_size,) * 2
     assert tuple(enc.model.pretrained_cfg["mean"]) == spec.mean
     assert tuple(enc.model.pretrained_cfg["std"]) == spec.std
+    assert enc.feature_dim == spec.feature_dim == EXPECTED[name][1]
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -63,7 +64,7 @@ def test_img_size_override():
 
 # A test-only entry: DINOv2-S with registers (same code paths as the real table, a quarter of ViT-B's
 # weights), fed 28 px (2x2 tokens) to stay fast on CPU.
-SMALL = EncoderSpec("vit_small_patch14_reg4_dinov2.lvd142m", 28, 14, 5, IMAGENET_MEAN, IMAGENET_STD)
+SMALL = EncoderSpec("vit_small_patch14_reg4_dinov2.lvd142m", 28, 14, 5, 384, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
