@@ -7,6 +7,10 @@ to the head width, conditions the head blocks per token; the head reads its own 
 parts use RMSNorm, SwiGLU and 2-D RoPE. The time embedding is Gaussian-Fourier with a fixed random
 vector ``t_embedder.W`` that is part of the checkpoint. Parameter names, shapes and the
 initialisation follow the official code, so the released checkpoints (XL: 382 keys) load strictly.
+Two optional parts carry RAEv2's keywords and names (nanovisionx/RAEv2 ``DiTwDDTHead``/``DiTwDDTHeadIG``):
+a linear REPA projector ``repa_projector`` on the encoder tokens after block ``repa_layer_depth``, and an
+internal-guidance head ``base_final_layer`` after encoder block ``base_model_depth``, conditioned as the
+head is: per token, on SiLU(t_emb + tokens), which are also its input, zero-initialised.
 
 Time convention. RAE trains with t_rae = 0 at the data and 1 at the noise,
 x_t = (1 - t_rae) x + t_rae eps, and regresses eps - x. A network trained that way is a fixed
@@ -30,16 +34,18 @@ from core.errors import UnknownNameError, UserError
 from core.positions import sincos_pos_embed_2d
 from generators.layers import (
     zero_modulation_and_output,
+    check_depth,
+    pack_outputs,
     FinalLayer,
     LabelEmbedder,
     LightningDiTBlock,
     PatchEmbed,
     VisionRoPE2D,
-    hidden_indices,
     run_block,
 )
 from generators.official import OfficialCheckpointMixin
 from generators.registry import Release, register
+from tokenizers.encoders import ENCODERS
 
 # Encoder sizes; every variant has the same head (width 2048, 2 blocks, 16 heads). S and XL are the
 # released configs, B per the maintainers (issue #75), L the standard DiT-L encoder.
@@ -107,7 +113,13 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
         wo_shift: bool = False,
         use_pos_embed: bool = True,
         use_checkpoint: bool = False,
+        enable_repa: bool = False,
+        repa_layer_depth: int = 8,
+        z_dim: int | None = None,
+        base_model_depth: int | None = None,
     ):
+        """``enable_repa``: a Linear(encoder width, ``z_dim``) projector after encoder block ``repa_layer_depth``
+        (1-based). ``base_model_depth``: the internal-guidance head reads encoder block k (1-based); None = none."""
         super().__init__()
         if patch_size != 1:
             raise UserError(f"DiT^DH works on 1x1 patches only (as the official model), got patch_size={patch_size}")
@@ -136,6 +148,16 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
             [LightningDiTBlock(enc_width, enc_heads, **block) for _ in range(depth[0])]
             + [LightningDiTBlock(head_width, head_heads, **block) for _ in range(depth[1])]
         )
+        self.repa_depth = repa_layer_depth if enable_repa else None
+        if enable_repa:
+            if z_dim is None:
+                raise UserError("enable_repa=True needs z_dim, the width of the target encoder's tokens")
+            check_depth("REPA projector", "repa_layer_depth", repa_layer_depth, depth[0])
+            self.repa_projector = nn.Linear(enc_width, z_dim)
+        self.base_model_depth = self.ig_depth = base_model_depth  # RAEv2's name, and the one every family has
+        if base_model_depth is not None:
+            check_depth("internal-guidance head", "base_model_depth", base_model_depth, depth[0])
+            self.base_final_layer = FinalLayer(enc_width, 1, in_channels, use_rmsnorm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -152,48 +174,50 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero_modulation_and_output(self.blocks, self.final_layer)
+        if self.base_model_depth is not None:
+            zero_modulation_and_output(nn.ModuleList(), self.base_final_layer)
 
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
-        return_hidden: list[int] | None = None,
         force_drop_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        return_ig: bool = False,
+        return_repa: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Velocity x - eps for x_t [B, C, H, W] at our times t [B] (0 = noise) with labels y [B].
 
-        ``return_hidden``: block indices (0-based over encoder then head blocks) whose output
-        tokens are returned too, in the order asked, as ``(prediction, hiddens)``.
-        ``force_drop_ids``: samples whose label is replaced by the null class.
+        ``force_drop_ids``: samples whose label is replaced by the null class. ``return_ig``: also the IG head's
+        velocity v_mid; ``return_repa``: also the projected encoder tokens (layers.pack_outputs).
         """
-        wanted = hidden_indices(return_hidden, len(self.blocks))
         # Our t (0 = noise) -> the network's t_rae = 1 - t (0 = data); see the module docstring.
         t_emb = self.t_embedder(1 - t)
         c = F.silu(t_emb + self.y_embedder(y, force_drop_ids))
-        hidden = {}
+        v_mid = repa = None
         s = self.s_embedder(x)
         if self.pos_embed is not None:
             s = s + self.pos_embed
-        for i in range(self.num_encoder_blocks):
-            s = run_block(self.blocks[i], s, c, self.enc_feat_rope, self.use_checkpoint)
-            if i in wanted:
-                hidden[i] = s
+        for k in range(1, self.num_encoder_blocks + 1):
+            s = run_block(self.blocks[k - 1], s, c, self.enc_feat_rope, self.use_checkpoint)
+            if return_ig and k == self.base_model_depth:
+                base = F.silu(t_emb[:, None] + s)
+                v_mid = self._velocity(self.base_final_layer(base, base))
+            if return_repa and k == self.repa_depth:
+                repa = self.repa_projector(s)
         # The head's per-token condition carries the time again; the label only through the encoder.
         # Contiguous as the official tensor is, so that the projection rounds identically.
         s = self.s_projector(F.silu(t_emb[:, None] + s).contiguous())
         h = self.x_embedder(x)
         for i in range(self.num_encoder_blocks, len(self.blocks)):
             h = run_block(self.blocks[i], h, s, self.dec_feat_rope, self.use_checkpoint)
-            if i in wanted:
-                hidden[i] = h
-        out = self.final_layer(h, s)
-        side = int(out.shape[1] ** 0.5)
-        # The network predicts RAE's eps - x; our velocity is x - eps.
-        out = -out.transpose(1, 2).reshape(out.shape[0], -1, side, side)
-        if return_hidden is None:
-            return out
-        return out, [hidden[i] for i in return_hidden]
+        return pack_outputs(self._velocity(self.final_layer(h, s)), v_mid, repa, return_ig, return_repa)
+
+    @staticmethod
+    def _velocity(tokens: torch.Tensor) -> torch.Tensor:
+        """Output tokens [B, T, C] -> our velocity [B, C, H, W]: the network predicts RAE's eps - x."""
+        side = int(tokens.shape[1] ** 0.5)
+        return -tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
     @classmethod
     def load_official(cls, path: str | Path, name: str = "XL", **overrides) -> "DiTwDDTHead":
@@ -207,6 +231,8 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
 @register(
     "ddt", config="ditdh_xl",
     tiny={"size": "S", "options": {"hidden_size": [32, 64], "depth": [1, 1], "num_heads": [2, 2]}},
+    repa=lambda depth, encoder: {"enable_repa": True, "repa_layer_depth": depth, "z_dim": ENCODERS[encoder].feature_dim},
+    ig=lambda depth: {"base_model_depth": depth},
     releases=(Release("DiTDH-XL", "rae", "dinov2_b"), Release("DiTDH-S_ep14", "rae", "dinov2_b")),
 )
 def build_ddt(name: str, **overrides) -> DiTwDDTHead:

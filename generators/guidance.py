@@ -12,17 +12,25 @@ Options, as LightningDiT uses them:
 - ``channels``: guide only these output channels; the others keep the conditional
   prediction. The published LightningDiT results guide channels [0, 1, 2] only; None = all.
 - ``scale <= 1``: no guidance, the plain conditional prediction.
+
+Internal Guidance (CVL-UESTC/Internal-Guidance) needs no second pass: a model with an IG head returns its
+final velocity and the head's, ``model(x, t, y, return_ig=True) -> (v, v_mid)``, and ``internal`` turns
+them into v_mid + w (v - v_mid) (w = 1: v itself) on its own time interval. It is applied first, to every
+branch the model computes (both halves of the CFG batch), then CFG and AutoGuidance act on the result, as the
+official sampler does; ``ig_scale=1`` switches it off (and skips the head).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from generators.sampling import DenoiseFn
 
-__all__ = ["combine", "guided", "cfg", "conditional", "autoguidance"]
+__all__ = ["combine", "guided", "cfg", "conditional", "autoguidance", "internal", "Velocity"]
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, y) -> v
 
 
 def combine(
@@ -68,9 +76,25 @@ def guided(
     return fn
 
 
-def conditional(model: nn.Module, y: torch.Tensor) -> DenoiseFn:
-    """The plain class-conditional velocity ``model(x, t, y)``."""
-    return lambda x, t: model(x, t, y)
+def internal(model: nn.Module, scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0)) -> Velocity:
+    """``model``'s velocity with Internal Guidance: v_mid + scale (v - v_mid) for samples with lo <= t <= hi
+    (our time, 0 = noise), v elsewhere. The official LightningDiT-IG sampler guides when t <= ig_interval
+    (default 1: always), i.e. ``interval=(0, ig_interval)``. ``scale == 1`` is the plain model."""
+    if scale == 1:
+        return model
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        v, v_mid = model(x, t, y, return_ig=True)
+        return _select(_in_interval(t, interval), v_mid + scale * (v - v_mid), v)
+
+    return fn
+
+
+def conditional(model: nn.Module, y: torch.Tensor, ig_scale: float = 1.0,
+                ig_interval: tuple[float, float] = (0.0, 1.0)) -> DenoiseFn:
+    """The class-conditional velocity ``model(x, t, y)``, with Internal Guidance when ``ig_scale != 1``."""
+    velocity = internal(model, ig_scale, ig_interval)
+    return lambda x, t: velocity(x, t, y)
 
 
 def cfg(
@@ -79,21 +103,25 @@ def cfg(
     scale: float,
     interval: tuple[float, float] = (0.0, 1.0),
     channels: Sequence[int] | None = None,
+    ig_scale: float = 1.0,
+    ig_interval: tuple[float, float] = (0.0, 1.0),
 ) -> DenoiseFn:
     """Classifier-free guidance for ``model(x, t, y)``: one forward on [cond ; uncond].
 
-    The unconditional half uses the null class ``model.num_classes``. The model must be in
-    eval mode, or its label dropout would corrupt the conditional half.
+    The unconditional half uses the null class ``model.num_classes``. With ``ig_scale != 1`` both halves are
+    internally guided first (``internal``). The model must be in eval mode, or its label dropout would corrupt
+    the conditional half.
     """
     if model.training:
         raise ValueError("cfg needs the model in eval mode (label dropout is active in training mode)")
     null = torch.full_like(y, model.num_classes)
+    velocity = internal(model, ig_scale, ig_interval)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         active = _in_interval(t, interval)
         if scale <= 1 or not bool(active.any()):
-            return model(x, t, y)
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            return velocity(x, t, y)
+        v_cond, v_uncond = velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
         return _select(active, combine(v_cond, v_uncond, scale, channels), v_cond)
 
     return fn
@@ -106,8 +134,10 @@ def autoguidance(
     scale: float,
     interval: tuple[float, float] = (0.0, 1.0),
     channels: Sequence[int] | None = None,
+    ig_scale: float = 1.0,
+    ig_interval: tuple[float, float] = (0.0, 1.0),
 ) -> DenoiseFn:
-    """AutoGuidance: guide ``model`` away from a weaker ``guide_model`` (e.g. an early checkpoint
+    """AutoGuidance: guide ``model`` (internally guided first when ``ig_scale != 1``) away from a weaker ``guide_model`` (e.g. an early checkpoint
     of a small model), both conditioned on the same labels ``y``.
 
     RAE's released 256 px result is DiT^DH-XL guided by DiT^DH-S after 14 epochs at scale 1.42
@@ -119,4 +149,4 @@ def autoguidance(
     for what, m in (("model", model), ("guide_model", guide_model)):
         if m.training:
             raise ValueError(f"autoguidance needs {what} in eval mode (label dropout is active in training mode)")
-    return guided(conditional(model, y), conditional(guide_model, y), scale, interval, channels)
+    return guided(conditional(model, y, ig_scale, ig_interval), conditional(guide_model, y), scale, interval, channels)

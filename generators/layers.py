@@ -32,7 +32,9 @@ __all__ = [
     "PatchEmbed",
     "LightningDiTBlock",
     "FinalLayer",
-    "hidden_indices",
+    "repa_mlp",
+    "check_depth",
+    "pack_outputs",
     "run_block",
 ]
 
@@ -267,12 +269,32 @@ def zero_modulation_and_output(blocks: nn.ModuleList, final_layer: nn.Module) ->
         nn.init.zeros_(layer.bias)
 
 
-def hidden_indices(return_hidden: list[int] | None, num_blocks: int) -> set[int]:
-    """The block indices whose outputs a forward's ``return_hidden`` asks for, checked against the depth."""
-    wanted = set(return_hidden or [])
-    if wanted and not 0 <= min(wanted) <= max(wanted) < num_blocks:
-        raise ValueError(f"return_hidden indices must be in [0, {num_blocks}), got {return_hidden}")
-    return wanted
+def repa_mlp(hidden_size: int, projector_dim: int, feature_dim: int) -> nn.Sequential:
+    """REPA's token-wise projector (sihyun-yu/REPA, SFD): Linear, SiLU, Linear, SiLU, Linear (keys .0, .2, .4)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, feature_dim),
+    )
+
+
+def check_depth(what: str, keyword: str, depth: int, num_blocks: int) -> None:
+    """A 1-based block number (as the REPA and IG papers count) must name one of the first `num_blocks` blocks."""
+    if not 1 <= depth <= num_blocks:
+        raise UserError(f"{keyword}={depth}: the {what} reads the output of block {depth} (1-based), "
+                        f"but the model has blocks 1..{num_blocks}")
+
+
+def pack_outputs(v: torch.Tensor, v_mid: torch.Tensor | None, repa: torch.Tensor | None, return_ig: bool,
+                 return_repa: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A generator forward's result: v alone, or (v, v_mid) with ``return_ig``, (v, repa tokens) with
+    ``return_repa``, (v, v_mid, repa tokens) with both. Asking for what the model lacks is an error."""
+    if return_ig and v_mid is None:
+        raise UserError("return_ig=True, but this model has no internal-guidance head (set model.ig_depth)")
+    if return_repa and repa is None:
+        raise UserError("return_repa=True, but this model has no REPA projector (set model.repa_depth)")
+    extra = ([v_mid] if return_ig else []) + ([repa] if return_repa else [])
+    return (v, *extra) if extra else v
 
 
 def run_block(

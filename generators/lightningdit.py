@@ -2,7 +2,10 @@
 
 Parameter names, shapes and the initialisation follow the official ``models/lightningdit.py``,
 so the released checkpoints (XL/1: 351 keys, including the persistent RoPE buffers and the
-frozen ``pos_embed``) load strictly. Time convention (DESIGN §3): t in [0, 1], 0 = noise,
+frozen ``pos_embed``) load strictly. Two optional parts come with the keywords of the codes that
+added them: Internal Guidance's head ``final_layer_xr`` after block ``encoder_depth``
+(CVL-UESTC/Internal-Guidance; its XL/1 release has 354 keys) and SFD's REPA projector
+``repa_projector`` after block ``repa_depth`` (yuemingPAN/SFD). Time convention (DESIGN §3): t in [0, 1], 0 = noise,
 1 = data; the model predicts the velocity x - eps; the null class is ``num_classes``.
 """
 from __future__ import annotations
@@ -13,21 +16,24 @@ import torch
 from torch import nn
 
 from core.checkpoint import load_torch_weights
-from core.errors import MismatchError, UnknownNameError
+from core.errors import MismatchError, UnknownNameError, UserError
 from core.positions import sincos_pos_embed_2d
 from generators.layers import (
     zero_modulation_and_output,
+    check_depth,
+    pack_outputs,
+    repa_mlp,
     FinalLayer,
     LabelEmbedder,
     LightningDiTBlock,
     PatchEmbed,
     TimestepEmbedder,
     VisionRoPE2D,
-    hidden_indices,
     run_block,
 )
 from generators.official import OfficialCheckpointMixin
 from generators.registry import Release, register
+from tokenizers.encoders import ENCODERS
 
 # Sizes of the official registry ``LightningDiT_models``.
 PRESETS: dict[str, dict[str, int]] = {
@@ -46,6 +52,21 @@ PRESETS: dict[str, dict[str, int]] = {
 RELEASED_OPTIONS: dict[str, object] = dict(
     input_size=16, in_channels=32, use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=False
 )
+
+# SFD's `repa_dino_version` names of the encoders we have, as tokenizers.encoders names; those names work too.
+SFD_ENCODER_NAMES: dict[str, str] = {
+    "dinov2_vitb14": "dinov2_b", "dinov2_vitb14_reg": "dinov2_b_reg",
+    "dinov2_vitl14": "dinov2_l", "dinov2_vitl14_reg": "dinov2_l_reg", "mae_base": "mae_b",
+}
+
+
+def repa_encoder_name(version: str) -> str:
+    """Our encoder name for SFD's ``repa_dino_version`` (or one of ours)."""
+    name = SFD_ENCODER_NAMES.get(version, version)
+    if name not in ENCODERS:
+        raise UnknownNameError(f"repa_dino_version={version!r}: no such encoder here; choose from "
+                               f"{sorted(SFD_ENCODER_NAMES)} or {sorted(ENCODERS)}")
+    return name
 
 
 class LightningDiT(nn.Module, OfficialCheckpointMixin):
@@ -77,7 +98,15 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         use_rmsnorm: bool = False,
         wo_shift: bool = False,
         use_checkpoint: bool = False,
+        encoder_depth: int | None = None,
+        use_repa: bool = False,
+        repa_dino_version: str | None = None,
+        repa_depth: int | None = None,
+        repa_projector_dim: int = 2048,
     ):
+        """``encoder_depth``: the IG head reads block k (1-based; the release uses 8); None = no head (IG's own
+        code always builds one, default 8). ``use_repa``: a projector from block ``repa_depth`` (1-based) to the
+        tokens of the encoder ``repa_dino_version`` (SFD's names or ours), width ``repa_projector_dim``."""
         super().__init__()
         if input_size % patch_size:
             # The patch embedding would silently drop the last rows and columns.
@@ -103,10 +132,23 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.encoder_depth = self.ig_depth = encoder_depth  # the official name, and the one every family has
+        if encoder_depth is not None:
+            check_depth("internal-guidance head", "encoder_depth", encoder_depth, depth)
+            self.final_layer_xr = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.repa_depth = repa_depth if use_repa else None
+        self.repa_encoder = None
+        if use_repa:
+            if repa_depth is None or repa_dino_version is None:
+                raise UserError("use_repa=True needs repa_depth and repa_dino_version (the target encoder)")
+            check_depth("REPA projector", "repa_depth", repa_depth, depth)
+            self.repa_encoder = repa_encoder_name(repa_dino_version)
+            self.repa_projector = repa_mlp(hidden_size, repa_projector_dim, ENCODERS[self.repa_encoder].feature_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """The official init: xavier Linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
+        """The official init: xavier Linears (the IG head and REPA projector included: neither is zeroed),
+        N(0, 0.02) embeddings, zeroed adaLN and output of the blocks and the final layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -133,29 +175,29 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         x: torch.Tensor,
         t: torch.Tensor,
         y: torch.Tensor,
-        return_hidden: list[int] | None = None,
         force_drop_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        return_ig: bool = False,
+        return_repa: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Velocity for x_t [B, C, H, W] at times t [B] with labels y [B].
 
-        ``return_hidden``: block indices (0-based) whose output tokens [B, T, D] are returned
-        too, in the order asked, as ``(prediction, hiddens)`` (REPA aligns these).
-        ``force_drop_ids``: samples whose label is replaced by the null class.
+        ``force_drop_ids``: samples whose label is replaced by the null class. ``return_ig``: also the IG head's
+        velocity v_mid; ``return_repa``: also the projected tokens [B, T, feature_dim] (layers.pack_outputs).
         """
-        wanted = hidden_indices(return_hidden, len(self.blocks))
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
-        hidden = {}
-        for i, block in enumerate(self.blocks):
+        v_mid = repa = None
+        for k, block in enumerate(self.blocks, start=1):
             h = run_block(block, h, c, self.feat_rope, self.use_checkpoint)
-            if i in wanted:
-                hidden[i] = h
-        out = self.unpatchify(self.final_layer(h, c))
-        if self.learn_sigma:
-            out = out[:, : self.in_channels]
-        if return_hidden is None:
-            return out
-        return out, [hidden[i] for i in return_hidden]
+            if return_ig and k == self.encoder_depth:
+                v_mid = self._output(self.final_layer_xr(h, c))
+            if return_repa and k == self.repa_depth:
+                repa = self.repa_projector(h)
+        return pack_outputs(self._output(self.final_layer(h, c)), v_mid, repa, return_ig, return_repa)
+
+    def _output(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.unpatchify(tokens)
+        return out[:, : self.in_channels] if self.learn_sigma else out
 
     @classmethod
     def load_official(cls, path: str | Path, name: str = "LightningDiT-XL/1", **overrides) -> "LightningDiT":
@@ -168,7 +210,10 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
 @register(
     "lightningdit", config="lightningdit_xl1",
     tiny={"size": "B/1", "options": {"hidden_size": 32, "depth": 1, "num_heads": 2}},
-    releases=(Release("LightningDiT-XL/1 64ep", "vavae"), Release("LightningDiT-XL/1 800ep", "vavae")),
+    repa=lambda depth, encoder: {"use_repa": True, "repa_depth": depth, "repa_dino_version": encoder},
+    ig=lambda depth: {"encoder_depth": depth},
+    releases=(Release("LightningDiT-XL/1 64ep", "vavae"), Release("LightningDiT-XL/1 800ep", "vavae"),
+              Release("LightningDiT-XL/1 + IG 680ep", "vavae")),
 )
 def build_lightningdit(name: str, **overrides) -> LightningDiT:
     """A registry size (``"LightningDiT-XL/1"`` or ``"XL/1"``) with the released options.

@@ -1,8 +1,11 @@
 """The registry of generator families, and building a generator (Denoiser) from the `model` section of a config.
 
 A family registers its builder with `register` (generators/families.py imports them all), together with
-what the tokenizer x generator compatibility matrix needs: its released config, a tiny version of itself
-and the official checkpoints it loads.
+what the tokenizer x generator compatibility matrix needs (its released config, a tiny version of itself
+and the official checkpoints it loads) and how it spells the training aids every generator has: a REPA
+projector and an Internal Guidance head. A config asks for those family-independently
+(`model.repa_depth`, `model.repa_encoder`, `model.ig_depth`); the family turns them into its official
+constructor keywords, so a checkpoint of the official code that has them loads strictly.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 from core.config import to_dict
-from core.errors import MismatchError, UserError
+from core.errors import MismatchError, UnknownNameError, UserError
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,20 @@ class GeneratorFamily:
     build: Callable[..., nn.Module]  # build(size, **constructor keywords)
     config: str  # configs/generator/<config>.yaml of the released model
     tiny: dict[str, Any]  # `size` and `options` of a tiny model for tests; the latents give channels and grid
+    repa: Callable[[int, str], dict[str, Any]]  # (block k, 1-based; encoder name) -> keywords of a REPA projector there
+    ig: Callable[[int], dict[str, Any]]  # block k (1-based) -> keywords of an internal-guidance head there
     releases: tuple[Release, ...] = ()
 
 
 GENERATORS: dict[str, GeneratorFamily] = {}
 
 
-def register(name: str, config: str, tiny: dict[str, Any], releases: tuple[Release, ...] = ()):
+def register(name: str, config: str, tiny: dict[str, Any], repa: Callable[[int, str], dict[str, Any]],
+             ig: Callable[[int], dict[str, Any]], releases: tuple[Release, ...] = ()):
     """Decorator of a family's builder `build(size, **constructor keywords)`: makes `model.family: <name>` build it."""
 
     def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        GENERATORS[name] = GeneratorFamily(name, build, config, tiny, releases)
+        GENERATORS[name] = GeneratorFamily(name, build, config, tiny, repa, ig, releases)
         return build
 
     return wrap
@@ -67,7 +73,28 @@ def build_generator(model_cfg: Any) -> nn.Module:
         close = difflib.get_close_matches(str(family), list(GENERATORS), n=1)
         raise UserError(f"model.family: unknown generator family {family!r}"
                         + (f"; did you mean {close[0]!r}?" if close else "") + f"; known: {', '.join(sorted(GENERATORS))}")
-    return GENERATORS[family].build(size, **cfg, **options)
+    aids = training_aid_options(GENERATORS[family], cfg.pop("repa_depth", None), cfg.pop("repa_encoder", None),
+                                cfg.pop("ig_depth", None))
+    if clash := sorted(set(aids) & set(options)):
+        raise UserError(f"model.options sets {clash}, which model.repa_depth/ig_depth also set; keep one")
+    return GENERATORS[family].build(size, **cfg, **aids, **options)
+
+
+def training_aid_options(family: GeneratorFamily, repa_depth: int | None, repa_encoder: str | None,
+                         ig_depth: int | None) -> dict[str, Any]:
+    """The family's constructor keywords for a REPA projector after block `repa_depth` (1-based) towards the
+    tokens of `repa_encoder`, and an IG head after block `ig_depth`; none for what is None."""
+    from tokenizers.encoders import ENCODERS
+
+    out: dict[str, Any] = {}
+    if repa_depth is not None:
+        if repa_encoder not in ENCODERS:
+            raise UnknownNameError(f"model.repa_encoder={repa_encoder!r}: REPA aligns with the tokens of one of "
+                                   f"{sorted(ENCODERS)}")
+        out |= family.repa(int(repa_depth), str(repa_encoder))
+    if ig_depth is not None:
+        out |= family.ig(int(ig_depth))
+    return out
 
 
 def latent_mismatch(model_cfg: Any, latent_shape: tuple[int, int, int]) -> str | None:

@@ -143,10 +143,12 @@ def load_guide(cfg: DictConfig) -> torch.nn.Module | None:
 
 def denoise_fn(model: torch.nn.Module, y: torch.Tensor, s: DictConfig,
                guide: torch.nn.Module | None = None) -> DenoiseFn:
-    """The velocity field that `sample` settings `s` describe: CFG (scale, interval, channels), and on top
-    of it AutoGuidance away from `guide` (scale, interval) when there is one."""
+    """The velocity field that `sample` settings `s` describe: Internal Guidance (scale, interval) first, then
+    CFG (scale, interval, channels), and on top of it AutoGuidance away from `guide` (scale, interval) when there
+    is one. Configs from before Internal Guidance existed have no ig_* keys: no IG."""
     fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
-                      list(s.cfg_channels) if s.cfg_channels is not None else None)
+                      list(s.cfg_channels) if s.cfg_channels is not None else None,
+                      s.get("ig_scale", 1.0), tuple(s.get("ig_interval", (0.0, 1.0))))
     if guide is None:
         return fn
     return guided(fn, conditional(guide, y), s.autoguidance.scale, tuple(s.autoguidance.interval))

@@ -23,7 +23,7 @@ from generators.flow import shift_time
 __all__ = ["DenoiseFn", "time_grid", "sample", "sample_generators", "initial_noise", "METHODS"]
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("euler", "heun", "euler_maruyama")
+METHODS = ("euler", "heun", "heun2", "euler_maruyama")
 
 
 def time_grid(steps: int, shift: float = 0.0) -> torch.Tensor:
@@ -74,6 +74,17 @@ def _heun(fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _heun2(fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Heun's method on every interval, the last included (torchdiffeq's fixed-grid ``heun2``, the ODE sampler
+    of LightningDiT and its Internal Guidance release): the model is evaluated at t = 1 too."""
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        dt = t1 - t0
+        d0 = fn(x, t0.expand(x.shape[0]))
+        d1 = fn(x + dt * d0, t1.expand(x.shape[0]))
+        x = x + dt * (d0 + d1) / 2
+    return x
+
+
 def _euler_maruyama(
     fn: DenoiseFn, x: torch.Tensor, grid: torch.Tensor, generators: Sequence[torch.Generator] | None
 ) -> torch.Tensor:
@@ -107,7 +118,7 @@ def sample(
     """Integrate from noise z (t = 0) to t = 1 on ``time_grid(steps, shift)``.
 
     ``method``: ``euler`` (steps - 1 evaluations, the official sampler), ``heun``
-    (2 (steps - 1) - 1 evaluations), or ``euler_maruyama`` (SDE, steps - 1 evaluations;
+    (2 (steps - 1) - 1 evaluations: the last interval is Euler), ``heun2`` (2 (steps - 1)), or ``euler_maruyama`` (SDE, steps - 1 evaluations;
     its noise comes from ``generators``, one per sample, e.g. ``sample_generators(indices,
     seed, stream=1)``, or from the global RNG when None).
     """
@@ -116,6 +127,8 @@ def sample(
         return _euler(denoise_fn, z, grid)
     if method == "heun":
         return _heun(denoise_fn, z, grid)
+    if method == "heun2":
+        return _heun2(denoise_fn, z, grid)
     if method == "euler_maruyama":
         if generators is not None and len(generators) != z.shape[0]:
             raise ValueError(f"{len(generators)} generators for a batch of {z.shape[0]}")

@@ -205,16 +205,6 @@ def test_label_dropout_only_in_training():
     assert torch.allclose(forced[0], uncond[0]) and torch.allclose(forced[1], cond[1])
 
 
-def test_hidden_states_of_encoder_and_head_blocks():
-    model = tiny()
-    x, t, y = inputs(2)
-    out, hidden = model(x, t, y, return_hidden=[2, 0])
-    assert [tuple(h.shape) for h in hidden] == [(2, 16, 48), (2, 16, 32)]
-    assert torch.equal(out, model(x, t, y))
-    with pytest.raises(ValueError, match="return_hidden"):
-        model(x, t, y, return_hidden=[3])
-
-
 @pytest.mark.parametrize("layout", ["bare", "ema", "prefixed"])
 def test_official_checkpoint_loads_strictly(tmp_path, layout):
     src = tiny(seed=1)

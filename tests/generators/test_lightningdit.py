@@ -99,20 +99,6 @@ def test_fresh_model_predicts_zero():
     assert model(torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 2])).abs().max() == 0
 
 
-def test_hidden_states_are_block_outputs(tiny_dit):
-    model = tiny_dit(depth=3)
-    x, t, y = torch.randn(2, 8, 8, 8), torch.rand(2), torch.tensor([1, 2])
-    out, hidden = model(x, t, y, return_hidden=[2, 0])
-    assert [h.shape for h in hidden] == [(2, 64, 32)] * 2
-    c = model.t_embedder(t) + model.y_embedder(y)
-    assert torch.allclose(model.unpatchify(model.final_layer(hidden[0], c)), out)
-    first = model.blocks[0](model.x_embedder(x) + model.pos_embed, c, model.feat_rope)
-    assert torch.allclose(hidden[1], first)
-    assert torch.equal(model(x, t, y), out)
-    with pytest.raises(ValueError, match="return_hidden"):
-        model(x, t, y, return_hidden=[3])
-
-
 def test_label_dropout_only_in_training(tiny_dit):
     model = tiny_dit(class_dropout_prob=1.0)
     x, t, y = torch.randn(2, 8, 8, 8), torch.rand(2), torch.tensor([1, 2])
