@@ -10,7 +10,8 @@ Options, as LightningDiT uses them:
   LightningDiT's ``cfg_interval_start=0.11`` is ``interval=(0.11, 1.0)``: the noisy start
   (t < 0.11) is unguided.
 - ``channels``: guide only these output channels; the others keep the conditional
-  prediction. The published LightningDiT results guide channels [0, 1, 2] only; None = all.
+  prediction. The published LightningDiT results guide channels [0, 1, 2] only (its Internal Guidance
+  release guides all); None = all.
 - ``scale <= 1``: no guidance, the plain conditional prediction.
 
 Internal Guidance (CVL-UESTC/Internal-Guidance) needs no second pass: a model with an IG head returns its

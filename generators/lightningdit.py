@@ -4,7 +4,7 @@ Parameter names, shapes and the initialisation follow the official ``models/ligh
 so the released checkpoints (XL/1: 351 keys, including the persistent RoPE buffers and the
 frozen ``pos_embed``) load strictly. Two optional parts come with the keywords of the codes that
 added them: Internal Guidance's head ``final_layer_xr`` after block ``encoder_depth``
-(CVL-UESTC/Internal-Guidance; its XL/1 release has 354 keys) and SFD's REPA projector
+(CVL-UESTC/Internal-Guidance; its XL/1 model has 356 keys) and SFD's REPA projector
 ``repa_projector`` after block ``repa_depth`` (yuemingPAN/SFD). Time convention (DESIGN §3): t in [0, 1], 0 = noise,
 1 = data; the model predicts the velocity x - eps; the null class is ``num_classes``.
 """
