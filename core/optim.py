@@ -1,0 +1,105 @@
+"""The generator's optimizer: AdamW, or Muon for the 2-D weights with AdamW for the rest (`train.optimizer`).
+
+Muon follows the Internal Guidance release (CVL-UESTC/Internal-Guidance, LightningDiT/train.py and
+muon_new.py): every trainable 2-D weight (linear layers, the label embedding, the final layer) takes
+Muon (Newton-Schulz orthogonalised Nesterov momentum) and the biases and norm gains take AdamW, both
+at the same base lr. Both halves are torch's own optimizers (`torch.optim.Muon`, `torch.optim.AdamW`)
+inside one `MuonAdamW`, so accelerate, gradient clipping, lr schedulers and checkpoints see one optimizer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from core.errors import UserError
+from core.runtime import fused_adam_kwargs
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """A torch Muon and a torch AdamW stepped as one optimizer.
+
+    `param_groups` are the two optimizers' own group dicts (Muon's first), so a change of a group's lr
+    (an lr scheduler) is what they step with; `state` is a merged view of their states; `state_dict()`
+    holds both, as {"muon": ..., "adamw": ...}. The groups are fixed at construction: `add_param_group`
+    would add a group that neither optimizer steps.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+        # Optimizer.__init__ keeps the group dicts themselves (it only replaces their "params" list by an
+        # equal one), and gives us the step hooks and profiling every torch optimizer has.
+        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:
+        return {**self.muon.state, **self.adamw.state}
+
+    @state.setter
+    def state(self, value: Mapping) -> None:
+        # Optimizer.__init__ assigns an empty state; the real ones belong to the two optimizers.
+        if value:
+            raise ValueError("MuonAdamW's state is its Muon's and AdamW's; load it with load_state_dict")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.Optimizer:
+    """The optimizer `train_cfg.optimizer` names, over `model`'s parameters.
+
+    "adamw": `torch.optim.AdamW` with `lr`, `betas`, `weight_decay` over all of `model.parameters()`
+    (frozen ones get no gradient and are never updated; they stay in the list so that checkpoints of
+    earlier runs, whose state was saved this way, still load).
+
+    "muon": a `MuonAdamW` over the trainable parameters (frozen ones, e.g. a fixed pos_embed, go nowhere):
+      - 2-D weights: `torch.optim.Muon` with `muon.momentum`, `muon.nesterov`, `muon.ns_steps`,
+        `muon.weight_decay` (decoupled, lr * wd), and `adjust_lr_fn="match_rms_adamw"`: a weight of shape
+        [A, B] moves by lr * 0.2 * sqrt(max(A, B)) times its orthogonalised update, so Muon can use AdamW's lr.
+        The release's own Muon also multiplies a tall weight's update (A > B, e.g. qkv, the MLP input, the
+        adaLN projection) by sqrt(A / B), Keller Jordan's scale, on top; torch's Muon applies one scale only.
+      - everything else: `torch.optim.AdamW` with `lr`, `betas`, `weight_decay` and torch's eps 1e-8
+        (the release: betas (0.9, beta2), weight decay 0, eps 1e-8, which base.yaml's values give).
+      - weights with more than 2 dims (the Conv2d patch embedding [out, in, p, p]) go to AdamW, as
+        RAEv2's code does and torch's Muon requires (it takes 2-D parameters only). The Internal Guidance
+        code instead flattens them to [out, in*p*p] for its own Muon, with decay 0.01 and the lr scaled by
+        0.2 * sqrt(max(out, in)); here that one tensor gets AdamW's update and `weight_decay`.
+    """
+    name = train_cfg["optimizer"]
+    lr, betas, weight_decay = train_cfg["lr"], tuple(train_cfg["betas"]), train_cfg["weight_decay"]
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                                 **fused_adam_kwargs())
+    if name != "muon":
+        raise UserError(f"unknown train.optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    muon_cfg = train_cfg["muon"]
+    # A list of one group (not of tensors), so a model without 2-D weights or without others still builds.
+    muon = torch.optim.Muon([{"params": [p for p in trainable if p.ndim == 2]}], lr=lr,
+                            weight_decay=muon_cfg["weight_decay"], momentum=muon_cfg["momentum"],
+                            nesterov=muon_cfg["nesterov"], ns_steps=muon_cfg["ns_steps"],
+                            adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim != 2]}], lr=lr, betas=betas,
+                              weight_decay=weight_decay, **fused_adam_kwargs())
+    return MuonAdamW(muon, adamw)
