@@ -25,8 +25,10 @@ from core.config import split_cli
 from core.errors import MismatchError, UserError
 from core.ema import EMA
 from core.log import get_logger
-from core.runtime import RunFolder, fused_adam_kwargs, make_accelerator, progress, seed_everything, step_generators
+from core.runtime import RunFolder, make_accelerator, progress, seed_everything, step_generators
+from core.optim import build_optimizer
 from generators import flow
+from generators.objective import Objective
 from generators.registry import build_generator
 from generators.sample import generator_config, load_guide, sample_latents
 from latents.config import load_latent_config
@@ -102,6 +104,14 @@ def step_randomness(seed: int, step: int, global_batch: int, rank: int, world: i
     return eps.to(device), t.to(device), drop.to(device)
 
 
+def repa_features(objective: Objective, cfg: DictConfig) -> dict[str, Any] | None:
+    """What the loader must give beside the latents: REPA's target tokens when the model has a projector."""
+    if not objective.repa:
+        return None
+    r = cfg.train.repa
+    return {"encoder": objective.repa_encoder, "weights": r.encoder_weights, "random_init": bool(r.random_init)}
+
+
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tuple[int, ...],
                 device: torch.device, guide: torch.nn.Module | None = None) -> torch.Tensor:
@@ -125,15 +135,17 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.global_batch % world:
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
-    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device, info=info)
 
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
     model = build_generator(model_cfg)
+    objective = Objective(model, cfg)
+    features = repa_features(objective, cfg)
+    loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device,
+                                 info=info, **({"features": features} if features else {}))
     ema = EMA(model, cfg.train.ema_decay)
     ema.model.to(acc.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay, **fused_adam_kwargs())
+    opt = build_optimizer(model, cfg.train)
     model, opt = acc.prepare(model, opt)
     step = 0
     last = run.latest_checkpoint()
@@ -156,14 +168,12 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     bar = progress(total=cfg.train.steps, initial=step, desc="train", enabled=acc.is_main_process)
     model.train()
     while step < cfg.train.steps:
-        x, y = loader.batch(step)
+        x, y, *features = loader.batch(step)
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
         eps, t, drop = step_randomness(cfg.run.seed, step, cfg.train.global_batch, rank, world, shape, cfg.flow,
                                        drop_prob, acc.device)
-        x_t = flow.interpolate(x, eps, t)
-        with acc.autocast():
-            pred = forward(x_t, t, y, force_drop_ids=drop)
-        losses = flow.flow_loss(pred, flow.velocity_target(x, eps), cfg.flow.cos_weight)
+        losses = objective(forward, flow.interpolate(x, eps, t), t, y, drop, flow.velocity_target(x, eps),
+                           features[0] if features else None, step, acc.autocast)
         acc.backward(losses["loss"])
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
         loss_value = acc.reduce(losses["loss"].detach(), "mean").item()

@@ -179,3 +179,15 @@ def test_a_tracker_that_is_not_installed_is_named(latent_yaml, tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"unknown tracker 'tensorbord' \(did you mean 'tensorboard'\?\)"):
         run(latent_yaml, tmp_path / "r", "train.log_with=tensorbord")
     assert not (tmp_path / "r").exists()
+
+
+def test_ig_head_and_muon_train_and_resume_equals_uninterrupted(latent_yaml, tmp_path):
+    aids = ["model.ig_depth=1", "train.optimizer=muon", "train.steps=12"]
+    run(latent_yaml, tmp_path / "a", *aids)
+    run(latent_yaml, tmp_path / "b", *aids[:2], "train.steps=6")
+    run(latent_yaml, tmp_path / "b", *aids)  # resumes from step 6 (the checkpoint at 5 and the final one)
+    a = final_weights(tmp_path / "a", 12)
+    assert_same(a, final_weights(tmp_path / "b", 12))
+    assert any(k.startswith("final_layer_xr.") for k in a)
+    records = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert all(r["loss"] > r["mse"] + 0.4 * r["ig_mse"] for r in records)  # + 0.5 x the head's MSE

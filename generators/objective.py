@@ -1,0 +1,58 @@
+"""What a generator's training step minimises: the flow loss, plus its training aids when the model has them.
+
+- Internal Guidance (CVL-UESTC/Internal-Guidance): a model with an IG head (``model.ig_depth``) adds
+  ``train.ig_weight`` x MSE(v_mid, v*), the head's velocity against the same target (0.5 in the release).
+- REPA (sihyun-yu/REPA): a model with a projector (``model.repa_depth``) adds ``train.repa.weight`` x the
+  alignment of its projected tokens with the encoder tokens of the batch's images (generators.repa).
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from generators import flow
+from generators.repa import match_grid, repa_loss
+
+
+class Objective:
+    """The loss terms of one training step; which ones the built model decides (its IG head, its projector)."""
+
+    def __init__(self, model: nn.Module, cfg: DictConfig) -> None:
+        self.cos_weight = float(cfg.flow.cos_weight)
+        self.ig = getattr(model, "ig_depth", None) is not None
+        self.ig_weight = float(cfg.train.ig_weight)
+        self.repa = getattr(model, "repa_depth", None) is not None
+        r = cfg.train.repa
+        self.repa_weight, self.repa_kind, self.interpolate = float(r.weight), str(r.loss), bool(r.interpolate)
+        self.repa_until = None if r.until_step is None else int(r.until_step)
+        # LightningDiT knows its target encoder (SFD's repa_dino_version); DiT^DH only its width (z_dim).
+        self.repa_encoder = getattr(model, "repa_encoder", None) or cfg.model.repa_encoder
+
+    def repa_active(self, step: int) -> bool:
+        return self.repa and (self.repa_until is None or step < self.repa_until)
+
+    def __call__(self, forward: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], x_t: torch.Tensor,
+                 t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor, target: torch.Tensor,
+                 features: torch.Tensor | None, step: int,
+                 autocast: Callable[[], AbstractContextManager]) -> dict[str, torch.Tensor]:
+        """Scalars ``loss`` (what is minimised), ``mse``, ``cos`` and, when on, ``ig_mse`` and ``repa``."""
+        with autocast():
+            out = forward(x_t, t, y, force_drop_ids=drop, return_ig=self.ig, return_repa=self.repa)
+        v, rest = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+        losses = flow.flow_loss(v, target, self.cos_weight)
+        if self.ig:
+            losses["ig_mse"] = (rest.pop(0).float() - target.float()).pow(2).mean()
+            losses["loss"] = losses["loss"] + self.ig_weight * losses["ig_mse"]
+        if self.repa:
+            projected = rest.pop(0)
+            if self.repa_active(step):
+                aligned = match_grid(features.to(projected.device), projected.shape[1], self.interpolate)
+                losses["repa"] = repa_loss(projected, aligned, self.repa_kind)
+                losses["loss"] = losses["loss"] + self.repa_weight * losses["repa"]
+            else:  # switched off (HASTE): the projector stays in the graph, so DDP finds every parameter used
+                losses["loss"] = losses["loss"] + 0 * projected.sum()
+        return losses
