@@ -191,3 +191,27 @@ def test_ig_head_and_muon_train_and_resume_equals_uninterrupted(latent_yaml, tmp
     assert any(k.startswith("final_layer_xr.") for k in a)
     records = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     assert all(r["loss"] > r["mse"] + 0.4 * r["ig_mse"] for r in records)  # + 0.5 x the head's MSE
+
+
+def test_an_official_ig_checkpoint_samples_with_the_release_settings(latent_yaml, tmp_path):
+    import json
+
+    from generators.lightningdit import LightningDiT
+    from generators.sample import main as sample_main
+
+    tiny = dict(input_size=4, patch_size=1, in_channels=8, num_classes=10, hidden_size=32, depth=2, num_heads=2,
+                use_swiglu=True, use_rope=True, use_rmsnorm=True, encoder_depth=1)
+    torch.manual_seed(0)
+    release = LightningDiT(**tiny).state_dict()
+    torch.save({"ema": release, "model": release}, tmp_path / "ig.pt")  # the IG release's training dict
+    size = ["model.size=B/1", "model.input_size=4", "model.in_channels=8", "model.num_classes=10",
+            "model.options={hidden_size: 32, depth: 2, num_heads: 2}"]
+    out = tmp_path / "s.npz"
+    sample_main(["--official", str(tmp_path / "ig.pt"), "--latent", str(latent_yaml), "--num", "4", "--out", str(out),
+                 "generator=lightningdit_xl1_ig", *size, "model.ig_depth=1", "sample.steps=3"])
+    record = json.loads(out.with_name("s.npz.json").read_text())["sample"]
+    assert (record["method"], record["ig_scale"], record["cfg_scale"], record["cfg_interval_start"]) == ("heun2", 1.4, 1.45, 0.19)
+    # The same file as a plain LightningDiT: the head's keys are extra, so it is refused.
+    with pytest.raises(KeyError, match="final_layer_xr"):
+        sample_main(["--official", str(tmp_path / "ig.pt"), "--latent", str(latent_yaml), "--num", "4",
+                     "--out", str(tmp_path / "p.npz"), "generator=lightningdit_xl1", *size, "sample.steps=3"])
