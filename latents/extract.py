@@ -3,7 +3,8 @@
     python -m latents.extract --tokenizer <saved folder | family:official_path> --data <name | yaml>
         --out <store path or fsspec URL> [--batch-size 64] [--strict] [--dtype float16|float32]
         [--stats channel|element] [--no-mean] [--sample-posterior] [--seed 0] [--workers 4]
-        [--shard-size ROWS] [--bf16] [data.key=value ...]
+        [--shard-size ROWS] [--bf16] [--features ENCODER [--features-weights FILE | --features-random-init]]
+        [data.key=value ...]
     torchrun --standalone --nproc_per_node 8 -m latents.extract ...      # each rank writes whole shards
 
 Rows are a seeded permutation of the data set; shards are written whole, each recorded when done
@@ -12,6 +13,13 @@ with the same tokenizer, data and settings (else it stops, naming what differs) 
 unfinished shards; the result is bitwise equal to an uninterrupted run, whatever the number of
 processes. Latents depend at the last bit on the batch composition, so batches never straddle a
 shard and the batch size is one of the settings a resumed run must repeat; `--workers` is free.
+
+REPA target features (`--features dinov2_b`): the same decoded batch also goes through the frozen encoder
+(tokenizers.encoders.build_feature_encoder: REPA's preprocessing, position table fixed at load), and the
+store gets `features` / `features_flip` [N, tokens, dim] float16 beside `latents` / `latents_flip`, written,
+hashed, checked and resumed with them shard by shard. 768x16x16 tokens are 384 KB a view, so shards then
+hold fewer rows. `--features-random-init` uses seeded random encoder weights (tests, demos; recorded in
+the store's `features` attribute).
 
 Posterior samples (`--sample-posterior`, the official VA-VAE recipe) use one generator per row and
 view, seeded from (seed, source index, view), so they depend neither on batch size nor on processes.
@@ -51,11 +59,14 @@ from core.log import JsonlWriter, get_logger
 from core.runtime import derived_seed, make_accelerator, progress
 from latents import store as zs
 from tokenizers.base import TOKENIZERS, Tokenizer, open_tokenizer
+from tokenizers.encoders import ENCODERS, FrozenEncoder, build_feature_encoder
 
 log = get_logger("latents.extract")
 
 # Attributes that a resumed extraction must share with the store it continues.
-RESUME_KEYS = ("tokenizer", "data.source", "image_size", "latent_shape", "num_rows", "num_classes", "extraction")
+RESUME_KEYS = ("tokenizer", "data.source", "image_size", "latent_shape", "num_rows", "num_classes", "extraction",
+               "features.encoder", "features.timm_name", "features.image_size", "features.random_init",
+               "features.weights_sha256", "features.dtype")  # not the weights' path: the same file may move
 
 
 class StrictError(UserError):
@@ -82,10 +93,15 @@ def log_path(out: str) -> Path:
     return Path(out.rstrip("/") + ".extract.jsonl")
 
 
+def both_views(images: torch.Tensor) -> torch.Tensor:
+    """The images, then their horizontal mirrors (the `_flip` arrays), along the batch."""
+    return torch.cat([images, images.flip(-1)])
+
+
 def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tensor, settings: ExtractSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of the images and of their horizontal mirrors, float32 on the CPU."""
     n = len(images)
-    x = torch.cat([images, images.flip(-1)])
+    x = both_views(images)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.autocast):
         if settings.sample_posterior:
             mean, logvar = tokenizer.posterior(x)
@@ -101,29 +117,61 @@ def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tens
     return z[:n], z[n:]
 
 
+def feature_views(encoder: FrozenEncoder, images: torch.Tensor, settings: ExtractSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """REPA target features [n, tokens, dim] of the images and of their mirrors, float32 on the CPU."""
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=settings.autocast):
+        f = encoder(both_views(images))
+    f = f.float().cpu()
+    return f[: len(images)], f[len(images) :]
+
+
 class ShardBuffer:
     """The rows of one shard while its batches are encoded; written to the store in one call when full."""
 
-    def __init__(self, layout: zs.Layout, shard: int, latent_shape: tuple[int, int, int], dtype: str) -> None:
+    def __init__(self, layout: zs.Layout, shard: int, latent_shape: tuple[int, int, int], dtype: str,
+                 feature_shape: tuple[int, int] | None = None) -> None:
         self.start, self.stop = layout.shard_range(shard)
         n = self.stop - self.start
         self.latents, self.flips = np.zeros((n, *latent_shape), dtype), np.zeros((n, *latent_shape), dtype)
+        self.features = None if feature_shape is None else tuple(
+            np.zeros((n, *feature_shape), zs.FEATURE_DTYPE) for _ in zs.VIEWS["features"])  # (plain, mirrored)
         self.valid = np.zeros(n, bool)
         self.skipped: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
 
-    def put(self, rows: list[int], latents: torch.Tensor, flips: torch.Tensor, where: list[str]) -> None:
-        lat, flip = latents.numpy().astype(self.latents.dtype), flips.numpy().astype(self.flips.dtype)
-        finite = np.isfinite(lat).all(axis=(1, 2, 3)) & np.isfinite(flip).all(axis=(1, 2, 3))
-        if not finite.all():
-            bad = [w for w, ok in zip(where, finite) if not ok]
-            raise UserError(f"non-finite latents in {self.latents.dtype} for {bad[:5]}; try --dtype float32")
+    def put(self, rows: list[int], latents: torch.Tensor, flips: torch.Tensor, where: list[str],
+            features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         pos = np.asarray(rows) - self.start
+        lat, flip = _finite("latents", [latents, flips], self.latents.dtype, where, "try --dtype float32")
+        if features is not None:
+            for stored, values in zip(self.features, _finite("features", features, zs.FEATURE_DTYPE, where, "")):
+                stored[pos] = values
         self.latents[pos], self.flips[pos], self.valid[pos] = lat, flip, True
 
 
+def _finite(what: str, views: list[torch.Tensor], dtype: Any, where: list[str], hint: str) -> list[np.ndarray]:
+    """The views in the stored dtype, refused when a row is not finite there (float16 overflows at 65504)."""
+    out = [v.numpy().astype(dtype) for v in views]
+    finite = np.logical_and.reduce([np.isfinite(v.reshape(len(v), -1)).all(axis=1) for v in out])
+    if not finite.all():
+        bad = [w for w, ok in zip(where, finite) if not ok]
+        raise UserError(f"non-finite {what} in {np.dtype(dtype)} for {bad[:5]}" + (f"; {hint}" if hint else ""))
+    return out
+
+
+def feature_attributes(encoder: FrozenEncoder, settings: ExtractSettings) -> dict[str, Any]:
+    """The store's `features` attribute: the encoder's provenance and how its tokens were made."""
+    info = encoder.provenance()
+    return {**info, "dtype": zs.FEATURE_DTYPE,
+            "preprocessing": f"REPA (sihyun-yu/REPA): [0, 1], mean/std, then bicubic resize {info['input_size']} -> "
+                             f"{info['image_size']} px; position table resampled once at load to {info['grid']}x{info['grid']}; "
+                             f"final-norm patch tokens, {encoder.prefix_tokens} class/register tokens dropped; features_flip "
+                             f"of the mirrored image; {'bf16 autocast' if settings.autocast else 'fp32'}"}
+
+
 def store_attributes(tok_info: dict[str, Any], source: Any, data_cfg: Any, latent_shape: tuple[int, int, int],
-                     settings: ExtractSettings, layout: zs.Layout, command: str) -> dict[str, Any]:
+                     settings: ExtractSettings, layout: zs.Layout, command: str,
+                     features: dict[str, Any] | None = None) -> dict[str, Any]:
     size = int(data_cfg["image_size"])
     encoding = "posterior samples, one seeded generator per row and view" if settings.sample_posterior else "deterministic encode (posterior mean)"
     return zs.jsonable({
@@ -136,6 +184,7 @@ def store_attributes(tok_info: dict[str, Any], source: Any, data_cfg: Any, laten
         "preprocessing": f"ADM center crop to {size}x{size}, RGB, [-1, 1]; latents_flip encodes the horizontal mirror; "
                          f"{encoding}; {'bf16 autocast' if settings.autocast else 'fp32'}",
         "extraction": {**asdict(settings), "shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
+        "features": features,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     })
@@ -148,7 +197,8 @@ def _select(d: dict[str, Any], dotted: str) -> Any:
 
 
 def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: ExtractSettings,
-                  latent_shape: tuple[int, int, int], perm: np.ndarray, labels: np.ndarray) -> str:
+                  latent_shape: tuple[int, int, int], perm: np.ndarray, labels: np.ndarray,
+                  feature_shape: tuple[int, int] | None = None) -> str:
     """Create the store, or check that the one at `out` continues this extraction. Returns what it did."""
     try:
         group = zs.open_group(out, mode="r+")
@@ -162,7 +212,8 @@ def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: 
         zs.check_format(group, out)
     if group is None or not group.attrs.get("ready"):  # absent, or its creation was cut short
         zs.create_store(out, attrs, layout, latent_shape, settings.dtype, settings.stats, perm,
-                        labels[perm].astype(np.int32), overwrite=group is not None or Path(out).is_dir())
+                        labels[perm].astype(np.int32), overwrite=group is not None or Path(out).is_dir(),
+                        feature_shape=feature_shape)
         return "created"
     old = dict(group.attrs)
     diff = [k for k in RESUME_KEYS if _select(old, k) != _select(attrs, k)]
@@ -195,10 +246,13 @@ def replace_damaged_shards(group: Any, layout: zs.Layout, out: str) -> list[int]
 
 def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cfg: Any, out: str,
             settings: ExtractSettings = ExtractSettings(), strict: bool = False, workers: int = 0,
-            accelerator: Accelerator | PartialState | None = None, command: str = "") -> zs.LatentStore:
+            accelerator: Accelerator | PartialState | None = None, command: str = "",
+            features: FrozenEncoder | None = None) -> zs.LatentStore:
     """Encode `source` into the store at `out` (creating or resuming it); every process of `accelerator` calls this.
 
     Only the process layout and device of `accelerator` are used (default: accelerate's PartialState).
+    `features`: a REPA target encoder (`build_feature_encoder` for the data's image size) whose tokens of every
+    image and its mirror are stored too, computed from the same decoded batch as the latents.
     """
     acc = accelerator or PartialState()
     rank, world = acc.process_index, acc.num_processes
@@ -207,15 +261,22 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
         raise UserError(f"--sample-posterior: the {tokenizer.name} tokenizer has no posterior to sample")
     image_size = int(data_cfg["image_size"])
     latent_shape = tokenizer.latent_shape(image_size)
-    layout = zs.make_layout(len(source), latent_shape, settings.dtype, settings.shard_rows)
+    feature_shape = None
+    if features is not None:
+        if features.input_size != image_size:
+            raise MismatchError(f"the feature encoder {features.name} was built for {features.input_size} px images, "
+                                f"the data gives {image_size} px")
+        feature_shape = (features.grid**2, features.feature_dim)
+    layout = zs.make_layout(len(source), latent_shape, settings.dtype, settings.shard_rows, feature_shape)
     perm = np.random.default_rng(settings.seed).permutation(len(source))
-    attrs = store_attributes(tok_info, source, data_cfg, latent_shape, settings, layout, command)
+    attrs = store_attributes(tok_info, source, data_cfg, latent_shape, settings, layout, command,
+                             None if features is None else feature_attributes(features, settings))
     journal = JsonlWriter(log_path(out))
 
     if acc.is_main_process:
         if "://" not in out:  # one writer per store; object stores have no such lock here
             WriterLock(log_path(out).with_suffix(".lock"), f"latent store {out}").acquire()
-        state = prepare_store(out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels))
+        state = prepare_store(out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels), feature_shape)
         if state != "created":
             replace_damaged_shards(zs.open_group(out, mode="r+"), layout, out)
     acc.wait_for_everyone()
@@ -235,6 +296,8 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
         journal.write(event="start", state=state, out=out, num_rows=layout.num_rows, num_shards=layout.num_shards,
                       finished=len(done), world_size=world, command=command)
     tokenizer.to(acc.device).eval()
+    if features is not None:
+        features.to(acc.device)
     bar = progress(total=sum(b - a for a, b in map(layout.shard_range, todo)), enabled=acc.is_main_process,
                    desc=f"encoding {Path(out).name}" + (f" (rank 0 of {world})" if world > 1 else ""))
 
@@ -252,7 +315,7 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     buf = None
     try:
         for (k, rows), batch in zip(plan(), loader):
-            buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype)
+            buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype, feature_shape)
             row_of = dict(zip(perm[rows].tolist(), rows.tolist()))
             for index, reason in batch.skipped:
                 entry = {"index": int(index), "row": row_of[index], "where": source.where(index), "reason": reason}
@@ -263,11 +326,15 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
                 log.warning("skipped %s (%s)", entry["where"], reason)
                 journal.write(event="skipped", rank=rank, **entry)
             if len(batch.indices):
-                lat, flip = encode_views(tokenizer, batch.images.to(acc.device), batch.indices, settings)
-                buf.put([row_of[int(i)] for i in batch.indices], lat, flip, [source.where(int(i)) for i in batch.indices])
+                images = batch.images.to(acc.device)
+                lat, flip = encode_views(tokenizer, images, batch.indices, settings)
+                feats = None if features is None else feature_views(features, images, settings)
+                buf.put([row_of[int(i)] for i in batch.indices], lat, flip, [source.where(int(i)) for i in batch.indices],
+                        feats)
             bar.update(len(rows))
             if rows[-1] == buf.stop - 1:
-                zs.write_shard(group, layout, k, buf.latents, buf.flips, buf.valid, buf.skipped, settings.stats)
+                zs.write_shard(group, layout, k, buf.latents, buf.flips, buf.valid, buf.skipped, settings.stats,
+                               buf.features)
                 seconds = time.perf_counter() - buf.t0
                 journal.write(event="shard", rank=rank, shard=k, rows=len(buf.valid), valid=int(buf.valid.sum()),
                               skipped=len(buf.skipped), seconds=round(seconds, 3), images_per_s=round(len(buf.valid) / seconds, 2))
@@ -306,6 +373,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes per rank (default: min(4, cores))")
     p.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: < 64 MiB, at most 4096)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while encoding (default fp32)")
+    p.add_argument("--features", choices=sorted(ENCODERS), default=None, metavar="ENCODER",
+                   help=f"also store REPA target features of this frozen encoder ({', '.join(sorted(ENCODERS))}; "
+                        "REPA's default dinov2_b, SFD's dinov2_b_reg)")
+    p.add_argument("--features-weights", default=None, metavar="FILE",
+                   help="weights file of the --features encoder (default: the Hugging Face cache)")
+    p.add_argument("--features-random-init", action="store_true",
+                   help="seeded random weights for the --features encoder (tests and demos only)")
     p.add_argument("overrides", nargs="*", help="data.key=value")
     return p.parse_intermixed_args(argv)  # data.key=value may come between options
 
@@ -316,13 +390,25 @@ def main(argv: list[str]) -> None:
         batch_size=args.batch_size, dtype=args.dtype, stats=args.stats, center=not args.no_mean,
         sample_posterior=args.sample_posterior, seed=args.seed, shard_rows=args.shard_size, autocast=args.bf16,
     )
+    if (args.features_weights or args.features_random_init) and not args.features:
+        raise cli.UsageError("--features-weights and --features-random-init need --features ENCODER")
+    if args.features_weights and args.features_random_init:
+        raise cli.UsageError("give either --features-weights or --features-random-init, not both")
     data_cfg = load_data_config(args.data, args.overrides)
     acc = make_accelerator(mixed_precision="no")
     source = build_source(data_cfg)
+    features = None
+    if args.features:
+        try:
+            features = build_feature_encoder(args.features, args.features_weights, args.features_random_init,
+                                             image_size=int(data_cfg["image_size"]))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} [here: --features-weights FILE, or --features-random-init for a test]") from e
     tokenizer, tok_info = open_tokenizer(args.tokenizer)
     command = "python -m latents.extract " + " ".join(shlex.quote(a) for a in argv)
     try:
-        extract(tokenizer, tok_info, source, data_cfg, args.out, settings, args.strict, args.workers, acc, command)
+        extract(tokenizer, tok_info, source, data_cfg, args.out, settings, args.strict, args.workers, acc, command,
+                features)
     except StrictError as e:
         raise StrictError(f"{e}. The store {args.out} is left incomplete: shards finished before this file are kept, "
                           "nothing of the shard holding it was written. Fix the file and run the same command to resume, "

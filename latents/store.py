@@ -6,16 +6,22 @@ Layout of a store with N rows of latents shaped [C, h, w], written in S shards o
                    data {config, source}, image_size, latent_shape, num_classes, num_rows, preprocessing,
                    extraction {dtype, stats, center, sample_posterior, seed, batch_size, autocast, shard_rows,
                    chunk_rows}, created, command; when complete also num_valid, num_skipped and
-                   skipped [{index, row, where, reason}]
+                   skipped [{index, row, where, reason}]; features (null, or the REPA target encoder:
+                   {encoder, timm_name, input_size, image_size (fed), grid, tokens, dim, random_init,
+                   weights_file, weights_sha256, dtype, preprocessing})
     latents        [N, C, h, w] float16 (or float32), chunks (chunk_rows, C, h, w) inside shards of
                    (shard_rows, C, h, w), zstd
     latents_flip   same, encoded from the horizontally mirrored image
+    features       [N, tokens, dim] float16, only when `features` is set: the encoder's patch tokens of the same
+                   image (tokenizers.encoders.build_feature_encoder), shards of the same rows as the latents
+    features_flip  same, of the mirrored image (a reader that takes latents_flip for a row takes these)
     labels         [N] int32 class ids;   index [N] int64 source position of each row
     valid          [N] bool, False where the image was skipped (its latents are zeros)
     stats/         mean (absent when the statistics have no mean), std: float32, per channel [C] or per
                    element [C, h, w]; sum, sumsq float64 and count int64 (), the sums they come from
     shards/        sum, sumsq [S, *stat_shape] float64: each shard's partial sums, one chunk per shard
-    shards/done/   one group per finished shard (`000003`) with attributes {num_valid, skipped}
+    shards/done/   one group per finished shard (`000003`) with attributes {num_valid, skipped, sha256 of each
+                   per-row array written: latents, latents_flip, valid and, when present, features, features_flip}
 
 Rows hold a seeded random permutation of the data set, so every chunk mixes classes. Zarr skips
 chunks equal to the fill value, so a chunk's existence proves nothing: a shard counts as finished
@@ -43,10 +49,12 @@ from core import faults
 FORMAT = "latentkit.latent_store"
 VERSION = 1
 STAT_KINDS = ("channel", "element")
-MAX_SHARD_BYTES = 64 << 20  # one shard of one view stays modest in memory and in object size
+MAX_SHARD_BYTES = 64 << 20  # one shard of one view of its largest array stays modest in memory and in object size
 MAX_SHARD_ROWS = 4096  # keeps several shards per data set for parallel writers and resumption
 CHUNK_BYTES = 1 << 20  # inner chunk: the unit a reader decompresses
 SUM_BLOCK_BYTES = 32 << 20  # float64 working memory while summing a shard
+FEATURE_DTYPE = "float16"
+VIEWS = {"latents": ("latents", "latents_flip"), "features": ("features", "features_flip")}  # (plain, mirrored)
 
 
 @dataclass(frozen=True)
@@ -64,15 +72,26 @@ class Layout:
         return start, min(start + self.shard_rows, self.num_rows)
 
 
-def make_layout(num_rows: int, latent_shape: tuple[int, ...], dtype: str, shard_rows: int | None = None) -> Layout:
-    """Shard and chunk sizes (in rows); by default shards stay below 64 MiB and chunks near 1 MiB."""
-    row_bytes = int(np.prod(latent_shape)) * np.dtype(dtype).itemsize
+def make_layout(num_rows: int, latent_shape: tuple[int, ...], dtype: str, shard_rows: int | None = None,
+                feature_shape: tuple[int, int] | None = None) -> Layout:
+    """Shard and chunk sizes (in rows) of the latents; by default shards stay below 64 MiB and chunks near 1 MiB.
+    `feature_shape`: the store also holds features, whose rows are usually the largest and so size the shards."""
+    row_bytes = _row_bytes(latent_shape, dtype)
     if shard_rows is None:
-        shard_rows = min(MAX_SHARD_ROWS, _pow2_floor(MAX_SHARD_BYTES // row_bytes))
+        largest = max(row_bytes, _row_bytes(feature_shape, FEATURE_DTYPE) if feature_shape else 0)
+        shard_rows = min(MAX_SHARD_ROWS, _pow2_floor(MAX_SHARD_BYTES // largest))
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
-    chunk_rows = math.gcd(shard_rows, _pow2_floor(CHUNK_BYTES // row_bytes))
-    return Layout(num_rows, shard_rows, chunk_rows)
+    return Layout(num_rows, shard_rows, chunk_rows(shard_rows, row_bytes))
+
+
+def chunk_rows(shard_rows: int, row_bytes: int) -> int:
+    """Rows of an inner chunk near 1 MiB that divide the shard."""
+    return math.gcd(shard_rows, _pow2_floor(CHUNK_BYTES // row_bytes))
+
+
+def _row_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _pow2_floor(n: int) -> int:
@@ -128,8 +147,10 @@ def partial_sums(latents: np.ndarray, flips: np.ndarray, valid: np.ndarray, kind
 
 
 def create_store(url: str, attrs: dict[str, Any], layout: Layout, latent_shape: tuple[int, int, int], dtype: str,
-                 stats_kind: str, index: np.ndarray, labels: np.ndarray, overwrite: bool = False) -> zarr.Group:
+                 stats_kind: str, index: np.ndarray, labels: np.ndarray, overwrite: bool = False,
+                 feature_shape: tuple[int, int] | None = None) -> zarr.Group:
     """Create an empty store: arrays, `index`, `labels`, attributes. `overwrite` replaces what is at `url`.
+    `feature_shape` (tokens, dim): also create `features` and `features_flip`.
 
     `ready` becomes true only after everything is in place, so a creation cut short is recognisable.
     """
@@ -140,6 +161,12 @@ def create_store(url: str, attrs: dict[str, Any], layout: Layout, latent_shape: 
         g.create_array(name, shape=(n, *latent_shape), dtype=dtype, chunks=(chunk, *latent_shape),
                        shards=(shard, *latent_shape), compressors=[ZstdCodec(level=3)], fill_value=0,
                        dimension_names=("n", "c", "h", "w"))
+    if feature_shape is not None:
+        fchunk = chunk_rows(shard, _row_bytes(feature_shape, FEATURE_DTYPE))
+        for name in VIEWS["features"]:
+            g.create_array(name, shape=(n, *feature_shape), dtype=FEATURE_DTYPE, chunks=(fchunk, *feature_shape),
+                           shards=(shard, *feature_shape), compressors=[ZstdCodec(level=3)], fill_value=0,
+                           dimension_names=("n", "token", "dim"))
     for name, dt, fill in (("labels", "int32", -1), ("index", "int64", -1), ("valid", "bool", False)):
         g.create_array(name, shape=(n,), dtype=dt, chunks=(shard,), compressors=[ZstdCodec(level=3)],
                        fill_value=fill, dimension_names=("n",))
@@ -158,12 +185,19 @@ def finished_shards(group: zarr.Group) -> set[int]:
 
 
 def write_shard(group: zarr.Group, layout: Layout, shard: int, latents: np.ndarray, flips: np.ndarray,
-                valid: np.ndarray, skipped: list[dict[str, Any]], stats_kind: str) -> None:
-    """Write one whole shard, then record it as finished (the record goes last)."""
+                valid: np.ndarray, skipped: list[dict[str, Any]], stats_kind: str,
+                features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Write one whole shard, then record it as finished (the record goes last). `features`: (plain, mirrored) of
+    the shard's rows, for a store created with a feature shape; they are hashed into the record like the latents."""
     start, stop = layout.shard_range(shard)
     if len(latents) != stop - start:
         raise ValueError(f"shard {shard} holds rows {start}..{stop}, got {len(latents)} rows")
+    if (features is not None) != ("features" in group.array_keys()):
+        raise ValueError(f"shard {shard}: features {'given' if features is not None else 'missing'} for a store "
+                         f"{'without' if features is not None else 'with'} feature arrays")
     arrays = {"latents": latents, "latents_flip": flips, "valid": valid}
+    if features is not None:
+        arrays |= dict(zip(VIEWS["features"], features))
     for name, values in arrays.items():
         group[name][start:stop] = values
     total, total_sq = partial_sums(latents, flips, valid, stats_kind)
@@ -181,12 +215,14 @@ def _digest(values: np.ndarray) -> str:
 
 def shard_problem(group: zarr.Group, layout: Layout, shard: int, arrays: dict[str, np.ndarray] | None = None) -> str | None:
     """None when shard `shard` reads back as it was written (the sha256 of each array in its done record); else
-    what differs. `arrays`: the shard's rows already read (a loader checks what it reads), else they are read here.
-    Shards recorded before hashes were stored cannot be checked and pass."""
+    what differs. `arrays`: the shard's rows already read, some of the recorded arrays (a loader checks what it
+    reads); else every recorded array is read here. Shards recorded before hashes were stored cannot be checked and pass."""
     recorded = group["shards/done"][f"{shard:06d}"].attrs.get("sha256")
     if not recorded:
         return None
     start, stop = layout.shard_range(shard)
+    if arrays is not None:
+        recorded = {name: digest for name, digest in recorded.items() if name in arrays}
     for name, digest in recorded.items():
         try:
             values = arrays[name] if arrays is not None else group[name][start:stop]
@@ -299,8 +335,13 @@ class LatentStore:
     def tokenizer(self) -> dict[str, Any]:
         return self.attrs["tokenizer"]
 
+    @property
+    def features(self) -> dict[str, Any] | None:
+        """The encoder of the stored REPA features (see the module docstring), None when the store has none."""
+        return self.attrs.get("features")
+
     def array(self, name: str) -> zarr.Array:
-        """One of latents, latents_flip, labels, index, valid."""
+        """One of latents, latents_flip, labels, index, valid; features, features_flip where `features` is set."""
         return self.group[name]
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
