@@ -10,12 +10,18 @@ Batches are a pure function of (seed, step) (`BatchSchedule`): the global batch 
 of W equal slices. So a resumed run sees exactly the batches an uninterrupted one would, and
 changing the number of processes changes only how a global batch is split. The online loader
 follows the same rule over the images of its data source.
+
+REPA target features: with a `FeatureRequest` (`features=` of build_latent_loader), `batch(step)` returns
+`(x, y, feats)`, feats float32 [b, tokens, dim] on x's device (`feature_shape`): for a store, its
+`features` / `features_flip` rows, taken with the same view as the latents (cached like them); online, the
+encoder applied to the very images of the step. Without a request batches are `(x, y)`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,13 +30,46 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from core.errors import CorruptFileError, MismatchError, UserError
+from core.errors import CorruptFileError, MismatchError, UnknownNameError, UserError
+from core.integrity import sha256_file
 from core.log import get_logger
 from latents.config import load_latent_config
 from latents.normalize import Normalizer, normalizer_for, official_normalizer
-from latents.store import LatentStore, check_made_by, open_stores, shard_problem
+from latents.store import VIEWS, LatentStore, check_made_by, open_stores, shard_problem
+from tokenizers.encoders import ENCODERS, feature_shape
 
 log = get_logger("latents.dataset")
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """REPA target features asked of a loader: a frozen encoder of tokenizers.encoders.ENCODERS (REPA: dinov2_b,
+    SFD: dinov2_b_reg) with its weights file (None: the Hugging Face cache, or any real weights a store used) or
+    seeded random weights (tests, demos). A store must hold features of this encoder, random or not as asked and,
+    when `weights` is given, of that file's bytes."""
+
+    encoder: str
+    weights: str | None = None
+    random_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise UnknownNameError(f"unknown REPA feature encoder {self.encoder!r}; known: {sorted(ENCODERS)}")
+        if self.weights is not None and self.random_init:
+            raise UserError(f"REPA features of {self.encoder}: give either a weights file or random_init, not both")
+
+    @classmethod
+    def of(cls, value: "FeatureRequest | str | Mapping[str, Any] | None") -> "FeatureRequest | None":
+        """A request from an encoder name, a mapping {encoder, weights, random_init}, or a request; None stays None."""
+        if value is None or isinstance(value, FeatureRequest):
+            return value
+        return cls(value) if isinstance(value, str) else cls(**dict(value))
+
+    def extract_flags(self) -> list[str]:
+        """The latents.extract options that store these features."""
+        return ["--features", self.encoder] + (["--features-weights", self.weights] if self.weights else []) + (
+            ["--features-random-init"] if self.random_init else [])
+
 
 @dataclass(frozen=True)
 class LatentInfo:
@@ -38,31 +77,86 @@ class LatentInfo:
     num_classes: int
     num_rows: int  # valid rows over all stores, or images of the online source
     stores: tuple[LatentStore, ...]  # online: the stores that supply statistics, if any
+    feature_shape: tuple[int, int] | None = None  # (tokens, dim) of the requested REPA features
 
 
-def latent_info(latent_cfg: str | Path | Mapping[str, Any]) -> LatentInfo:
+def latent_info(latent_cfg: str | Path | Mapping[str, Any],
+                features: FeatureRequest | str | Mapping[str, Any] | None = None) -> LatentInfo:
     """Shape, classes and size of a latent config's source, from metadata only (no latents read or encoded).
 
     Online: the shape comes from the tokenizer (which is loaded) and the classes from the data source.
-    A trainer checks these against its model before any compute.
+    `features`: REPA target features to be asked of the loader; a store must hold them (else a MismatchError
+    naming the command that extracts them). A trainer checks these against its model before any compute.
     """
     cfg = load_latent_config(latent_cfg)
+    request = FeatureRequest.of(features)
     stores = open_stores(cfg.stores)
+    fshape = None
     if cfg.online is not None:
-        from latents.online import online_info
+        from latents.online import online_info, open_source
 
         shape, num_classes, num_rows, tok_info = online_info(cfg)
         for s in stores:  # they supply the statistics of latents encoded here
             if s.latent_shape != shape:
                 raise MismatchError(f"latent store {s.url} holds {s.latent_shape} latents, the online source makes {shape}")
             check_made_by(tok_info, cfg.tokenizer, s)
+        if request is not None:
+            fshape = feature_shape(request.encoder, open_source(cfg)[1])
     else:
         shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
+        if request is not None:
+            fshape = store_feature_shape(stores, request)
     if cfg.stats and cfg.normalization == "store":
         std = official_normalizer(cfg).std
         if tuple(std.shape) not in (shape, (shape[0], 1, 1)):
             raise MismatchError(f"statistics {cfg.stats} are shaped {tuple(std.shape)}, the latents {shape}")
-    return LatentInfo(shape, num_classes, num_rows, stores)
+    return LatentInfo(shape, num_classes, num_rows, stores, fshape)
+
+
+def store_feature_shape(stores: list[LatentStore] | tuple[LatentStore, ...], request: FeatureRequest) -> tuple[int, int]:
+    """(tokens, dim) of the requested features, which every store must hold, all of one encoder; else a
+    MismatchError naming the store, what it holds and the extraction command that stores them."""
+    sha = sha256_file(request.weights) if request.weights else None
+    for s in stores:
+        have = s.features
+        fits = have is not None and have["encoder"] == request.encoder and have["random_init"] == request.random_init
+        if not fits or (sha is not None and have["weights_sha256"] != sha):
+            asked = request.encoder + (" with random weights" if request.random_init else
+                                       f" with the weights of {request.weights}" if request.weights else "")
+            raise MismatchError(f"latent store {s.url} holds {_held(have)}, not the REPA features of {asked} asked for; "
+                                f"extract a store with them: {_features_command(s, request)}")
+    first = stores[0].features
+    for s in stores[1:]:
+        keys = ("encoder", "image_size", "random_init", "weights_sha256")
+        if any(s.features[k] != first[k] for k in keys):
+            raise MismatchError(f"latent stores {stores[0].url} and {s.url} hold REPA features of different encoders: "
+                                f"{ {k: first[k] for k in keys} } and { {k: s.features[k] for k in keys} }")
+    return int(first["tokens"]), int(first["dim"])
+
+
+def _held(features: dict[str, Any] | None) -> str:
+    if features is None:
+        return "no REPA features"
+    weights = "random weights" if features["random_init"] else f"weights sha256 {str(features['weights_sha256'])[:12]}"
+    return f"REPA features of {features['encoder']} ({weights}, {features['tokens']}x{features['dim']})"
+
+
+def _features_command(store: LatentStore, request: FeatureRequest) -> str:
+    """The store's own extraction command with the requested features, into a new store beside it."""
+    recorded = shlex.split(store.attrs.get("command") or "python -m latents.extract --tokenizer ... --data ...")
+    drop_with_value, drop = {"--features", "--features-weights", "--out"}, {"--features-random-init"}
+    argv, skip = [], False
+    for a in recorded:
+        if skip or a in drop or a.split("=", 1)[0] in drop_with_value and "=" in a:
+            skip = False
+            continue
+        if a in drop_with_value:
+            skip = True
+            continue
+        argv.append(a)
+    url = store.url.rstrip("/")
+    out = f"{url.removesuffix('.zarr')}_{request.encoder}.zarr"
+    return shlex.join(argv + request.extract_flags() + ["--out", out])
 
 
 class BatchSchedule:
@@ -99,13 +193,17 @@ class BatchSchedule:
 
 
 class BatchLoader:
-    """Endless, deterministic, resumable batches of (normalised latents float32 [b, C, h, w], labels int64 [b]).
+    """Endless, deterministic, resumable batches of (normalised latents float32 [b, C, h, w], labels int64 [b]),
+    and REPA target features float32 [b, tokens, dim] third when they were requested (`feature_shape` is then
+    (tokens, dim), else None).
 
     `batch_size` is the global batch; each of the `world_size` ranks gets `batch_size // world_size` of it.
     `batch(step)` is a pure function of (seed, step): a subclass turns the rows and views that
     `self.schedule(step)` picks into latents. Iterating yields the batches of steps `step`,
     `step + 1`, ...; `state_dict()` holds the next step.
     """
+
+    feature_shape: tuple[int, int] | None = None
 
     def __init__(self, num_rows: int, normalizer: Normalizer, batch_size: int, seed: int, rank: int, world_size: int,
                  start_step: int, config: DictConfig | None) -> None:
@@ -117,8 +215,8 @@ class BatchLoader:
     def steps_per_epoch(self) -> int:
         return self.num_rows // self.batch_size
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of the global batch of training step `step`."""
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's part of the global batch of training step `step`: (x, y), or (x, y, feats) (see the class)."""
         raise NotImplementedError
 
     def __iter__(self):
@@ -143,63 +241,83 @@ class LatentLoader(BatchLoader):
 
     def __init__(self, stores: list[LatentStore], normalizer: Normalizer, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, start_step: int = 0, cache_dir: str | Path | None = None,
-                 config: DictConfig | None = None) -> None:
+                 config: DictConfig | None = None, features: FeatureRequest | str | Mapping[str, Any] | None = None) -> None:
         self.stores = list(stores)
         self.latent_shape, self.num_classes = self.stores[0].latent_shape, self.stores[0].num_classes
-        cache, labels = load_cache(self.stores, cache_dir)
+        request = FeatureRequest.of(features)
+        self.feature_shape = None if request is None else store_feature_shape(self.stores, request)
+        caches, labels = load_cache(self.stores, cache_dir, ("latents",) if request is None else ("latents", "features"))
         super().__init__(len(labels), normalizer, batch_size, seed, rank, world_size, start_step, config)
-        self._views = torch.from_numpy(cache).view(2 * self.num_rows, *self.latent_shape)  # row r: 2r plain, 2r+1 mirrored
+        # Row r of each: 2r plain, 2r+1 mirrored, so one index picks the same view of latents and features.
+        self._views = torch.from_numpy(caches["latents"]).view(2 * self.num_rows, *self.latent_shape)
+        self._feature_views = None if request is None else torch.from_numpy(caches["features"]).view(
+            2 * self.num_rows, *self.feature_shape)
         self._labels = torch.from_numpy(labels)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         rows, flips = self.schedule(step)
         rows_t = torch.from_numpy(rows)
-        z = self._views.index_select(0, 2 * rows_t + torch.from_numpy(flips))
-        return self.normalizer.normalize(z), self._labels[rows_t]
+        views = 2 * rows_t + torch.from_numpy(flips)
+        out = (self.normalizer.normalize(self._views.index_select(0, views)), self._labels[rows_t])
+        if self._feature_views is None:
+            return out
+        return *out, self._feature_views.index_select(0, views).float()
 
 
-def load_cache(stores: list[LatentStore], cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """All valid rows, both views: ([rows, 2, C, h, w], labels int64), in RAM or memory-mapped under cache_dir."""
-    dtype = np.result_type(*[s.array("latents").dtype for s in stores])
-    shape = (sum(s.num_valid for s in stores), 2, *stores[0].latent_shape)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+def load_cache(stores: list[LatentStore], cache_dir: str | Path | None,
+               kinds: tuple[str, ...] = ("latents",)) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """All valid rows, both views, of each kind ("latents": [rows, 2, C, h, w]; "features": [rows, 2, tokens, dim]),
+    and the labels int64 [rows]; in RAM, or memory-mapped under cache_dir (one file per kind, built once)."""
+    rows = sum(s.num_valid for s in stores)
+    dtypes = {k: np.result_type(*[s.array(VIEWS[k][0]).dtype for s in stores]) for k in kinds}
+    shapes = {k: (rows, 2, *stores[0].array(VIEWS[k][0]).shape[1:]) for k in kinds}
+    nbytes = {k: int(np.prod(shapes[k])) * dtypes[k].itemsize for k in kinds}
     if cache_dir is None:
         import psutil
 
         available = psutil.virtual_memory().available
-        if nbytes > 0.8 * available:
-            raise MemoryError(f"the latents need {nbytes / 2**30:.1f} GiB in RAM and {available / 2**30:.1f} GiB are "
-                              "available; set cache_dir in the latent config to a local folder to memory-map them instead")
-        cache, labels = np.empty(shape, dtype), np.empty(shape[0], np.int64)
-        fill_cache(stores, cache, labels)
-        return cache, labels
+        if sum(nbytes.values()) > 0.8 * available:
+            raise MemoryError(f"the {' and '.join(kinds)} need {sum(nbytes.values()) / 2**30:.1f} GiB in RAM and "
+                              f"{available / 2**30:.1f} GiB are available; set cache_dir in the latent config to a "
+                              "local folder to memory-map them instead")
+        caches, labels = {k: np.empty(shapes[k], dtypes[k]) for k in kinds}, np.empty(rows, np.int64)
+        fill_cache(stores, caches, labels)
+        return caches, labels
     key = hashlib.sha1(json.dumps([[s.url, s.attrs["created"], s.num_rows] for s in stores]).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"latents-{key}.npy"
-    if not path.is_file():  # concurrent builders each write a temporary file; the last rename wins
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        labels = np.empty(shape[0], np.int64)
-        fill_cache(stores, cache, labels)
-        cache.flush()
-        del cache
-        np.save(path.with_suffix(".labels.npy"), labels)
-        os.replace(tmp, path)
-    log.info("memory-mapping the latent cache %s (%.1f GiB)", path, nbytes / 2**30)
+    paths = {k: Path(cache_dir) / f"{k}-{key}.npy" for k in kinds}
+    labels_path = paths["latents"].with_suffix(".labels.npy")  # written with the latents' file, before its rename
+    missing = [k for k in kinds if not paths[k].is_file()]
+    if missing:  # concurrent builders each write temporary files; the last rename wins
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmps = {k: paths[k].with_name(f".{paths[k].stem}.{os.getpid()}.tmp.npy") for k in missing}
+        caches = {k: np.lib.format.open_memmap(tmps[k], mode="w+", dtype=dtypes[k], shape=shapes[k]) for k in missing}
+        labels = np.empty(rows, np.int64)
+        fill_cache(stores, caches, labels)
+        for k in missing:
+            caches[k].flush()
+        del caches
+        if "latents" in missing:
+            np.save(labels_path, labels)
+        for k in missing:
+            os.replace(tmps[k], paths[k])
+    for k in kinds:
+        log.info("memory-mapping the %s cache %s (%.1f GiB)", k, paths[k], nbytes[k] / 2**30)
     # Copy-on-write mapping: writable for torch, never written, pages shared with other processes.
-    return np.load(path, mmap_mode="c"), np.load(path.with_suffix(".labels.npy"))
+    return {k: np.load(paths[k], mmap_mode="c") for k in kinds}, np.load(labels_path)
 
 
-def fill_cache(stores: list[LatentStore], cache: np.ndarray, labels: np.ndarray) -> None:
-    """Copy the valid rows of each store, shard by shard (whole-shard reads are the fast way through Zarr)."""
+def fill_cache(stores: list[LatentStore], caches: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Copy the valid rows of each store into the cache of each kind (VIEWS: its plain and mirrored arrays), shard
+    by shard (whole-shard reads are the fast way through Zarr), checking what is read against the shard's hashes."""
     at = 0
     for store in stores:
         layout = store.layout
-        lat, flip, lab, valid = (store.array(n) for n in ("latents", "latents_flip", "labels", "valid"))
+        arrays = {n: store.array(n) for k in caches for n in VIEWS[k]} | {"valid": store.array("valid")}
+        lab = store.array("labels")
         for k in range(layout.num_shards):
             start, stop = layout.shard_range(k)
             try:
-                block = {"latents": lat[start:stop], "latents_flip": flip[start:stop], "valid": valid[start:stop]}
+                block = {n: a[start:stop] for n, a in arrays.items()}
             except Exception as e:  # a damaged compressed chunk fails to decode in zarr or its codec
                 raise CorruptFileError(f"latent store {store.url}: shard {k} (rows {start}..{stop}) cannot be read "
                                        f"({type(e).__name__}: {e}); run its extraction command again to write it anew: "
@@ -209,25 +327,32 @@ def fill_cache(stores: list[LatentStore], cache: np.ndarray, labels: np.ndarray)
                                        f"shard anew: {store.attrs.get('command', 'python -m latents.extract ...')}")
             keep = block["valid"]
             n = int(keep.sum())
-            cache[at : at + n, 0] = block["latents"][keep]
-            cache[at : at + n, 1] = block["latents_flip"][keep]
+            for kind, cache in caches.items():
+                plain, mirrored = VIEWS[kind]
+                cache[at : at + n, 0] = block[plain][keep]
+                cache[at : at + n, 1] = block[mirrored][keep]
             labels[at : at + n] = lab[start:stop][keep]
             at += n
 
 
 def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: int, seed: int = 0, rank: int = 0,
                         world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None,
-                        info: LatentInfo | None = None) -> BatchLoader:
+                        info: LatentInfo | None = None,
+                        features: FeatureRequest | str | Mapping[str, Any] | None = None) -> BatchLoader:
     """The training loader of a latent config; `batch_size` is global (split over `world_size` ranks).
 
     `device`: where an online source encodes (and returns) its latents; store batches stay on the CPU.
     `info`: the config's `latent_info`, when the caller has it already (it opens stores and statistics).
+    `features`: REPA target features returned third by `batch(step)`: an encoder name, a mapping
+    {encoder, weights, random_init} or a FeatureRequest (module docstring).
     """
     cfg = load_latent_config(latent_cfg)
-    info = info or latent_info(cfg)
+    request = FeatureRequest.of(features)
+    info = info or latent_info(cfg, request)
     normalizer = normalizer_for(cfg, info.stores)
     if cfg.online is not None:
         from latents.online import OnlineLoader
 
-        return OnlineLoader(cfg, normalizer, batch_size, seed, rank, world_size, start_step, device, info.stores)
-    return LatentLoader(list(info.stores), normalizer, batch_size, seed, rank, world_size, start_step, cfg.cache_dir, cfg)
+        return OnlineLoader(cfg, normalizer, batch_size, seed, rank, world_size, start_step, device, info.stores, request)
+    return LatentLoader(list(info.stores), normalizer, batch_size, seed, rank, world_size, start_step, cfg.cache_dir, cfg,
+                        request)

@@ -8,6 +8,10 @@ the data set and a flip drawn from (seed, step), so batches are a pure function 
 and a resumed run sees the batches an uninterrupted one would. The latents are normalised with
 the config's statistics (`stats`, e.g. RAE's released file, or the statistics of `stores`).
 
+REPA target features (a `FeatureRequest`): the frozen encoder (tokenizers.encoders.build_feature_encoder)
+runs on the same device, under no_grad, on the very images the tokenizer encodes (mirrored alike), and
+`batch(step)` returns them third.
+
 Images are decoded in `online.workers` background processes that work a few steps ahead; the
 encoder runs in the training process. An image that cannot be decoded is skipped and logged, so
 that step's batch is one sample smaller.
@@ -26,10 +30,11 @@ from core.config import named_config, to_dict
 from core.errors import MismatchError
 from core.images import Skipping, build_source
 from core.log import get_logger
-from latents.dataset import BatchLoader, BatchSchedule
+from latents.dataset import BatchLoader, BatchSchedule, FeatureRequest
 from latents.decode import cached_tokenizer
 from latents.normalize import Normalizer
 from latents.store import LatentStore
+from tokenizers.encoders import build_feature_encoder
 
 log = get_logger("latents.online")
 
@@ -90,7 +95,7 @@ class OnlineLoader(BatchLoader):
 
     def __init__(self, cfg: DictConfig, normalizer: Normalizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, device: torch.device | str | None = None,
-                 stores: tuple[LatentStore, ...] = ()) -> None:
+                 stores: tuple[LatentStore, ...] = (), features: FeatureRequest | None = None) -> None:
         source, size = open_source(cfg)
         self.device = torch.device(device or "cpu")
         super().__init__(len(source), normalizer.to(self.device), batch_size, seed, rank, world_size, start_step, cfg)
@@ -98,6 +103,11 @@ class OnlineLoader(BatchLoader):
         self.tokenizer, _ = cached_tokenizer(str(cfg.tokenizer))
         self.tokenizer.to(self.device).eval()
         self.latent_shape, self.num_classes = tuple(self.tokenizer.latent_shape(size)), int(source.num_classes)
+        self.feature_encoder = None
+        if features is not None:
+            self.feature_encoder = build_feature_encoder(features.encoder, features.weights, features.random_init, size)
+            self.feature_encoder.to(self.device)
+            self.feature_shape = (self.feature_encoder.grid**2, self.feature_encoder.feature_dim)
         self.images = StepImages(source, self.schedule)
         self.workers = int(cfg.online.workers)
         self._prefetch, self._next = None, None
@@ -113,7 +123,10 @@ class OnlineLoader(BatchLoader):
         return next(self._prefetch)
 
     @torch.no_grad()
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         images, labels = self._step_images(step)
-        z = self.tokenizer.encode(images.to(self.device, non_blocking=True)).float()
-        return self.normalizer.normalize(z), labels.to(self.device)
+        images = images.to(self.device, non_blocking=True)
+        out = (self.normalizer.normalize(self.tokenizer.encode(images).float()), labels.to(self.device))
+        if self.feature_encoder is None:
+            return out
+        return *out, self.feature_encoder(images).float()
