@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from core.errors import MismatchError
 from generators import flow
 from generators.repa import match_grid, repa_loss
 
@@ -22,6 +23,8 @@ class Objective:
     """The loss terms of one training step; which ones the built model decides (its IG head, its projector)."""
 
     def __init__(self, model: nn.Module, cfg: DictConfig) -> None:
+        """`model` may live on the meta device: only its parts are looked at, and kept for `check_targets`."""
+        self.model = model
         self.cos_weight = float(cfg.flow.cos_weight)
         self.ig = getattr(model, "ig_depth", None) is not None
         self.ig_weight = float(cfg.train.ig_weight)
@@ -31,6 +34,20 @@ class Objective:
         self.repa_until = None if r.until_step is None else int(r.until_step)
         # LightningDiT knows its target encoder (SFD's repa_dino_version); DiT^DH only its width (z_dim).
         self.repa_encoder = getattr(model, "repa_encoder", None) or cfg.model.repa_encoder
+
+    def check_targets(self, latent_shape: tuple[int, int, int], feature_shape: tuple[int, int]) -> None:
+        """REPA targets of `feature_shape` (tokens, dim) must fit the projector's output on latents of `latent_shape`:
+        a MismatchError before any compute otherwise. Runs the model on the meta device (no memory, no work)."""
+        with torch.device("meta"):
+            model = self.model.to("meta")
+            x = torch.zeros(1, *latent_shape)
+            _, projected = model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long), return_repa=True)
+        tokens, dim = feature_shape
+        if projected.shape[-1] != dim:
+            raise MismatchError(f"REPA: the projector gives {projected.shape[-1]}-d tokens, the target features of "
+                                f"{self.repa_encoder} are {dim}-d (model.repa_encoder names the encoder)")
+        if not self.interpolate:
+            match_grid(torch.zeros(1, tokens, dim, device="meta"), projected.shape[1], False)
 
     def repa_active(self, step: int) -> bool:
         return self.repa and (self.repa_until is None or step < self.repa_until)

@@ -128,8 +128,16 @@ def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tu
 
 def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     acc = make_accelerator(cfg.train.precision, cfg.train.log_with, cfg.run.dir)
-    info = latent_info(latent_cfg)  # metadata only: a missing or mismatched store stops before the run folder exists
+    # Metadata and a model on the meta device only: a missing or mismatched store, or REPA targets that do not fit
+    # the projector, stop before the run folder exists.
+    info = latent_info(latent_cfg)
     check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
+    with torch.device("meta"):
+        objective = Objective(build_generator(cfg.model), cfg)
+    features = repa_features(objective, cfg)
+    if features is not None:
+        info = latent_info(latent_cfg, features=features)
+        objective.check_targets(info.latent_shape, info.feature_shape)
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES)
     world, rank = acc.num_processes, acc.process_index
@@ -139,10 +147,8 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
     model = build_generator(model_cfg)
-    objective = Objective(model, cfg)
-    features = repa_features(objective, cfg)
     loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device,
-                                 info=info, **({"features": features} if features else {}))
+                                 info=info, features=features)
     ema = EMA(model, cfg.train.ema_decay)
     ema.model.to(acc.device)
     opt = build_optimizer(model, cfg.train)

@@ -215,3 +215,72 @@ def test_an_official_ig_checkpoint_samples_with_the_release_settings(latent_yaml
     with pytest.raises(KeyError, match="final_layer_xr"):
         sample_main(["--official", str(tmp_path / "ig.pt"), "--latent", str(latent_yaml), "--num", "4",
                      "--out", str(tmp_path / "p.npz"), "generator=lightningdit_xl1", *size, "sample.steps=3"])
+
+
+# --- REPA ------------------------------------------------------------------------------------------------------
+# A patch-2 model on the 4x4 latents has a 2x2 token grid, as DINOv2 has on 32 px images (fed 28 px).
+REPA = ["model.repa_depth=1", "model.repa_encoder=dinov2_b", "train.repa.random_init=true",
+        "model.options={hidden_size: 32, depth: 2, num_heads: 2, patch_size: 2}"]
+
+
+@pytest.fixture(scope="module")
+def repa_yaml(latent_yaml, tmp_path_factory) -> Path:
+    """The fixture's images, extracted again with DINOv2-B (random weights) features beside the latents."""
+    root = latent_yaml.parent
+    extract_main(["--tokenizer", str(root / "tok"), "--data", "synthetic", "--out", str(root / "feat.zarr"),
+                  "--features", "dinov2_b", "--features-random-init", "data.num_images=64", "data.image_size=32"])
+    path = root / "repa.yaml"
+    path.write_text(f"stores: [{root / 'feat.zarr'}]\ntokenizer: {root / 'tok'}\ngenerator: lightningdit_b1\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def online_repa_yaml(latent_yaml) -> Path:
+    """The same images encoded at every step (online), normalised by the store's statistics."""
+    root = latent_yaml.parent
+    path = root / "online.yaml"
+    path.write_text(f"stores: [{root / 'lat.zarr'}]\ntokenizer: {root / 'tok'}\ngenerator: lightningdit_b1\n"
+                    "online: {data: {kind: synthetic, num_images: 64, image_size: 32, num_classes: 10, seed: 0}, "
+                    "workers: 0}\n")
+    return path
+
+
+def mean(records: list[dict], key: str, part: slice) -> float:
+    values = [r[key] for r in records[part]]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("source, steps", [("store", 150), ("online", 80)])  # online encodes every step: fewer
+def test_repa_lowers_both_losses(source, steps, repa_yaml, online_repa_yaml, tmp_path):
+    out = run(repa_yaml if source == "store" else online_repa_yaml, tmp_path / "r", *REPA, f"train.steps={steps}",
+              "train.global_batch=32", "train.lr=3e-3", f"train.ckpt_every={steps}")
+    records = read_jsonl(out / "metrics.jsonl")
+    assert all(abs(r["loss"] - (r["mse"] + r["cos"] + 0.5 * r["repa"])) < 1e-4 for r in records)
+    for key in ("mse", "repa"):
+        assert mean(records, key, slice(-10, None)) < 0.9 * mean(records, key, slice(0, 10)), key
+
+
+def test_repa_ig_and_muon_resume_equals_uninterrupted(repa_yaml, tmp_path):
+    aids = [*REPA, "model.ig_depth=1", "train.optimizer=muon", "train.repa.loss=cos_mse", "train.repa.until_step=9"]
+    run(repa_yaml, tmp_path / "a", *aids, "train.steps=12")
+    run(repa_yaml, tmp_path / "b", *aids, "train.steps=6")
+    run(repa_yaml, tmp_path / "b", *aids, "train.steps=12")
+    a = final_weights(tmp_path / "a", 12)
+    assert_same(a, final_weights(tmp_path / "b", 12))
+    assert any(k.startswith("repa_projector.") for k in a) and any(k.startswith("final_layer_xr.") for k in a)
+    records = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert ["repa" in r for r in records] == [True] * 9 + [False] * 3  # HASTE's stop after step 9
+
+
+def test_repa_targets_that_do_not_fit_stop_before_the_run_folder(repa_yaml, latent_yaml, tmp_path):
+    from core.errors import MismatchError
+
+    patch1 = [*REPA[:3], "model.options={hidden_size: 32, depth: 2, num_heads: 2, patch_size: 1}"]
+    with pytest.raises(MismatchError, match="4 tokens \\(2x2\\).*16 \\(4x4\\).*interpolate"):
+        run(repa_yaml, tmp_path / "g", *patch1)
+    with pytest.raises(MismatchError, match="dinov2_b_reg"):
+        run(repa_yaml, tmp_path / "g", *REPA, "model.repa_encoder=dinov2_b_reg")
+    with pytest.raises(MismatchError, match="--features dinov2_b"):
+        run(latent_yaml, tmp_path / "g", *REPA)  # a store without features
+    assert not (tmp_path / "g").exists()
+    run(repa_yaml, tmp_path / "i", *patch1, "train.repa.interpolate=true", "train.steps=2")  # resampled 2x2 -> 4x4
