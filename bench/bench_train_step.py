@@ -2,10 +2,17 @@
 
     .venv/bin/python bench/bench_train_step.py --generator lightningdit_b1 --batch 16 [--steps 10]
     .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 256 --precision bf16 --compile
+    .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 64 --ig-depth 8
+    .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 64 --repa-depth 8 --repa store
+    .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 64 --repa-depth 8 --repa online
 
-One step = forward + flow loss + backward + AdamW step (fused on CUDA) + EMA update, on random
-latents of the model's shape, as generators.train runs it. Peak memory is CUDA's
-max_memory_allocated on GPU, the process's peak RSS on CPU.
+One step = forward + the training objective (generators.objective: flow loss, and the IG head's MSE and the
+REPA term when asked) + backward + optimizer step (train.optimizer of the config, or --optimizer) + EMA
+update, on random latents of the model's shape, as generators.train runs it. REPA targets: `store` gives the
+step fp16 features as a store read returns them (the read itself is bench_loader's), `online` computes them
+from the step's 256 px images with the target encoder (DINOv2-B at 224 px; random weights of the real
+architecture: the cost is the same). Peak memory is CUDA's max_memory_allocated on GPU, the process's peak RSS
+on CPU.
 """
 from __future__ import annotations
 
@@ -17,9 +24,11 @@ import torch
 
 from core.config import compose
 from core.ema import EMA
-from core.runtime import fused_adam_kwargs
+from core.optim import build_optimizer
 from generators import flow
+from generators.objective import Objective
 from generators.registry import build_generator
+from tokenizers.encoders import build_feature_encoder
 
 
 def main() -> None:
@@ -30,6 +39,11 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="default: the config's")
+    p.add_argument("--ig-depth", type=int, default=None, help="an internal-guidance head after this block")
+    p.add_argument("--repa-depth", type=int, default=None, help="a REPA projector after this block")
+    p.add_argument("--repa", choices=["store", "online"], default="store", help="where the REPA targets come from")
+    p.add_argument("--repa-encoder", default="dinov2_b")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,20 +51,37 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = compose("generator", args.generator)
     cfg.model.options = {**cfg.model.options, "use_checkpoint": args.grad_checkpointing}
+    cfg.model.ig_depth, cfg.model.repa_depth, cfg.model.repa_encoder = args.ig_depth, args.repa_depth, args.repa_encoder
+    if args.optimizer:
+        cfg.train.optimizer = args.optimizer
     model = build_generator(cfg.model).to(device).train()
+    objective = Objective(model, cfg)
     ema = EMA(model, 0.9999)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **fused_adam_kwargs())
+    opt = build_optimizer(model, cfg.train)
     fwd = torch.compile(model) if args.compile else model
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     x = torch.randn(args.batch, *shape, device=device)
     y = torch.randint(0, cfg.model.num_classes, (args.batch,), device=device)
+    encoder = build_feature_encoder(args.repa_encoder, random_init=True).to(device) if objective.repa else None
+    images = torch.rand(args.batch, 3, 256, 256, device=device) * 2 - 1
+    stored = encoder(images[:1]).expand(args.batch, -1, -1).half().contiguous() if encoder is not None else None
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+
+    def targets() -> torch.Tensor | None:
+        if encoder is None:
+            return None
+        if args.repa == "store":
+            return stored.float()
+        with torch.no_grad(), autocast():
+            return encoder(images).float()
 
     def step() -> None:
         eps = torch.randn_like(x)
         t = flow.sample_t(args.batch, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            pred = fwd(flow.interpolate(x, eps, t), t, y)
-        flow.flow_loss(pred, flow.velocity_target(x, eps), cfg.flow.cos_weight)["loss"].backward()
+        drop = torch.zeros(args.batch, dtype=torch.bool, device=device)
+        losses = objective(fwd, flow.interpolate(x, eps, t), t, y, drop, flow.velocity_target(x, eps), targets(), 0,
+                           autocast)
+        losses["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
@@ -68,7 +99,8 @@ def main() -> None:
     n_params = sum(q.numel() for q in model.parameters())
     config = {"generator": args.generator, "params_m": round(n_params / 1e6, 2), "batch": args.batch,
               "precision": precision, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
-              "device": device_label(device)}
+              "optimizer": cfg.train.optimizer, "ig_depth": args.ig_depth, "repa_depth": args.repa_depth,
+              "repa": args.repa if objective.repa else None, "device": device_label(device)}
     emit("train_step", "images_per_s", args.batch * args.steps / seconds, "images/s", config)
     emit("train_step", "step_time", seconds / args.steps, "s", config)
     if device.type == "cuda":
