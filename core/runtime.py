@@ -149,14 +149,18 @@ class RunFolder:
         accelerator.wait_for_everyone()
         self.metrics = JsonlWriter(self.path / "metrics.jsonl")
 
-    def save_config(self, cfg: DictConfig, may_change: tuple[str, ...] = ()) -> None:
+    def save_config(self, cfg: DictConfig, may_change: tuple[str, ...] = (), defaults: DictConfig | None = None) -> None:
         """Write the config. A resumed run must use the config it started with, except for keys
-        under the prefixes in `may_change` (e.g. more steps, other logging intervals)."""
+        under the prefixes in `may_change` (e.g. more steps, other logging intervals). A key the saved config
+        lacks (added by a later version of latentkit) is no difference while it has its `defaults` value, the
+        one that does what the older version did."""
         path = self.path / "config.yaml"
         if path.is_file():
             old, new = _flat(OmegaConf.load(path)), _flat(cfg)
+            default = _flat(defaults) if defaults is not None else {}
+            missing = object()
             diff = sorted(k for k in set(old) | set(new)
-                          if old.get(k) != new.get(k) and not k.startswith(tuple(may_change)))
+                          if old.get(k, default.get(k, missing)) != new.get(k) and not k.startswith(tuple(may_change)))
             if diff:
                 raise UserError(
                     f"{self.path} holds a run with a different config ({', '.join(diff[:8])} differ); "

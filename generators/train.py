@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core import cli
-from core.config import split_cli
+from core.config import named_config, split_cli
 from core.errors import MismatchError, UserError
 from core.ema import EMA
 from core.log import get_logger
@@ -139,7 +139,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         info = latent_info(latent_cfg, features=features)
         objective.check_targets(info.latent_shape, info.feature_shape)
     run = RunFolder(cfg.run.dir, acc)
-    run.save_config(cfg, may_change=RESUMABLE_CHANGES)
+    run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"))
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.global_batch % world:
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")

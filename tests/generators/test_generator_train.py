@@ -284,3 +284,20 @@ def test_repa_targets_that_do_not_fit_stop_before_the_run_folder(repa_yaml, late
         run(latent_yaml, tmp_path / "g", *REPA)  # a store without features
     assert not (tmp_path / "g").exists()
     run(repa_yaml, tmp_path / "i", *patch1, "train.repa.interpolate=true", "train.steps=2")  # resampled 2x2 -> 4x4
+
+
+def test_a_run_from_before_the_training_aids_resumes(latent_yaml, tmp_path):
+    from omegaconf import OmegaConf
+
+    run(latent_yaml, tmp_path / "a", "train.steps=10")
+    run(latent_yaml, tmp_path / "b", "train.steps=5")
+    saved = OmegaConf.load(tmp_path / "b" / "config.yaml")
+    for section, keys in {"model": ["repa_depth", "repa_encoder", "ig_depth"],
+                          "train": ["repa", "ig_weight", "optimizer", "muon"], "sample": ["ig_scale", "ig_interval"]}.items():
+        for key in keys:
+            del saved[section][key]
+    OmegaConf.save(saved, tmp_path / "b" / "config.yaml")  # as the version before REPA, IG and Muon wrote it
+    with pytest.raises(Exception, match="model.ig_depth"):
+        run(latent_yaml, tmp_path / "b", "train.steps=10", "model.ig_depth=1")  # an added key set otherwise: refused
+    run(latent_yaml, tmp_path / "b", "train.steps=10")
+    assert_same(final_weights(tmp_path / "a", 10), final_weights(tmp_path / "b", 10))
