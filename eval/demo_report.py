@@ -105,6 +105,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--generator-run", type=Path, required=True)
     p.add_argument("--guided", type=Path, required=True, help="samples .npz with guidance")
     p.add_argument("--unguided", type=Path, required=True, help="samples .npz without guidance")
+    p.add_argument("--ig", type=Path, help="samples .npz with internal guidance alone (a model with an IG head)")
+    p.add_argument("--ig-guided", type=Path, help="samples .npz with internal guidance and CFG")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
@@ -118,7 +120,12 @@ def main(argv: list[str]) -> None:
     rec_psnr, rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out_images)
     metrics = {"recon_psnr_db": rec_psnr, "classifier_accuracy_on_real": clf_acc, "chance": 1 / args.num_classes}
     grids = {}
-    for name, path in (("guided", args.guided), ("unguided", args.unguided)):
+    titles = {"guided": "with guidance (CFG)", "unguided": "without guidance", "ig": "with internal guidance alone",
+              "ig_cfg": "with internal guidance and CFG"}
+    given = {"guided": args.guided, "unguided": args.unguided, "ig": args.ig, "ig_cfg": args.ig_guided}
+    for name, path in given.items():
+        if path is None:
+            continue
         with np.load(path) as f:
             images, labels = f["arr_0"], f["arr_1"]
         metrics[f"sample_class_accuracy_{name}"] = accuracy(clf, uint8_to_input(images), labels)
@@ -142,8 +149,7 @@ assigns to class c (chance = {1 / args.num_classes:.2f}).</p>
 <h2>Reconstruction (held-out images above, reconstructions below)</h2>
 <img src="{png_data_uri(rec_grid)}" width="{8 * 96}">
 <h2>Samples, one row per class</h2>
-<h3>with guidance</h3><img src="{png_data_uri(grids['guided'])}" width="{8 * 72}">
-<h3>without guidance</h3><img src="{png_data_uri(grids['unguided'])}" width="{8 * 72}">
+{"".join(f'<h3>{titles[n]}</h3><img src="{png_data_uri(g)}" width="{8 * 72}">' for n, g in grids.items())}
 <h2>Loss curves</h2>
 {svg_curve(tok_log, tok_key, f"tokenizer {tok_key}")} {svg_curve(gen_log, "loss", "generator loss")}
 </body></html>"""
