@@ -8,6 +8,7 @@ inside one `MuonAdamW`, so accelerate, gradient clipping, lr schedulers and chec
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +24,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """A torch Muon and a torch AdamW stepped as one optimizer.
 
     `param_groups` are the two optimizers' own group dicts (Muon's first), so a change of a group's lr
-    (an lr scheduler) is what they step with; `state` is a merged view of their states; `state_dict()`
+    (an lr scheduler) is what they step with; schedule by scaling each group's own lr (LambdaLR does), not by
+    setting one lr for all: the groups of tall weights carry their factor (build_optimizer); `state` is a merged view of their states; `state_dict()`
     holds both, as {"muon": ..., "adamw": ...}. The groups are fixed at construction: `add_param_group`
     would add a group that neither optimizer steps.
     """
@@ -77,8 +79,10 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.O
       - 2-D weights: `torch.optim.Muon` with `muon.momentum`, `muon.nesterov`, `muon.ns_steps`,
         `muon.weight_decay` (decoupled, lr * wd), and `adjust_lr_fn="match_rms_adamw"`: a weight of shape
         [A, B] moves by lr * 0.2 * sqrt(max(A, B)) times its orthogonalised update, so Muon can use AdamW's lr.
-        The release's own Muon also multiplies a tall weight's update (A > B, e.g. qkv, the MLP input, the
-        adaLN projection) by sqrt(A / B), Keller Jordan's scale, on top; torch's Muon applies one scale only.
+        The release's Muon also multiplies a tall weight's update (A > B: qkv, the MLP input, the adaLN
+        projection) by sqrt(A / B), Keller Jordan's scale, while its decay stays lr * wd. torch's Muon has
+        one scale, so the tall weights sit in groups by that factor f, with lr * f and weight decay wd / f:
+        the same update and the same decay as the release's.
       - everything else: `torch.optim.AdamW` with `lr`, `betas`, `weight_decay` and torch's eps 1e-8
         (the release: betas (0.9, beta2), weight decay 0, eps 1e-8, which base.yaml's values give).
       - weights with more than 2 dims (the Conv2d patch embedding [out, in, p, p]) go to AdamW, as
@@ -95,9 +99,14 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.O
         raise UserError(f"unknown train.optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     muon_cfg = train_cfg["muon"]
-    # A list of one group (not of tensors), so a model without 2-D weights or without others still builds.
-    muon = torch.optim.Muon([{"params": [p for p in trainable if p.ndim == 2]}], lr=lr,
-                            weight_decay=muon_cfg["weight_decay"], momentum=muon_cfg["momentum"],
+    by_factor: dict[float, list[torch.Tensor]] = {}
+    for p in trainable:
+        if p.ndim == 2:
+            by_factor.setdefault(math.sqrt(max(1.0, p.shape[0] / p.shape[1])), []).append(p)
+    wd = muon_cfg["weight_decay"]
+    # At least one group (of no tensors, if need be), so a model without 2-D weights still builds.
+    groups = [{"params": ps, "lr": lr * f, "weight_decay": wd / f} for f, ps in sorted(by_factor.items())]
+    muon = torch.optim.Muon(groups or [{"params": []}], lr=lr, weight_decay=wd, momentum=muon_cfg["momentum"],
                             nesterov=muon_cfg["nesterov"], ns_steps=muon_cfg["ns_steps"],
                             adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim != 2]}], lr=lr, betas=betas,

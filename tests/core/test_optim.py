@@ -47,10 +47,17 @@ def test_two_d_weights_take_muon_the_rest_adamw_frozen_none():
     model = tiny_dit()
     opt = build_optimizer(model, train_cfg())
     assert isinstance(opt, MuonAdamW)
-    (muon_group,), (adamw_group,) = opt.muon.param_groups, opt.adamw.param_groups
+    (adamw_group,) = opt.adamw.param_groups
     params = dict(model.named_parameters())
-    assert names(model, muon_group["params"]) == {n for n, p in params.items() if p.ndim == 2}
-    assert "y_embedder.embedding_table.weight" in names(model, muon_group["params"])
+    in_muon = set().union(*(names(model, g["params"]) for g in opt.muon.param_groups))
+    assert in_muon == {n for n, p in params.items() if p.ndim == 2}
+    assert "y_embedder.embedding_table.weight" in in_muon
+    for group in opt.muon.param_groups:  # tall weights grouped by the release's sqrt(A / B) factor
+        factor = {math.sqrt(max(1, p.shape[0] / p.shape[1])) for p in group["params"]}
+        (f,) = factor
+        assert math.isclose(group["lr"], LR * f) and math.isclose(group["weight_decay"], 0.01 / f)
+    assert len(opt.muon.param_groups) > 1
+    muon_group = opt.muon.param_groups[0]
     adamw = names(model, adamw_group["params"])
     assert "x_embedder.proj.weight" in adamw  # the 4-D patch embedding
     assert adamw == {n for n, p in params.items() if p.ndim != 2 and n != "pos_embed"}
@@ -58,8 +65,8 @@ def test_two_d_weights_take_muon_the_rest_adamw_frozen_none():
     assert (muon_group["momentum"], muon_group["nesterov"], muon_group["ns_steps"]) == (0.95, True, 5)
     assert (muon_group["weight_decay"], muon_group["adjust_lr_fn"]) == (0.01, "match_rms_adamw")
     assert (adamw_group["betas"], adamw_group["weight_decay"], adamw_group["eps"]) == ((0.9, 0.95), 0.0, 1e-8)
-    assert muon_group["lr"] == adamw_group["lr"] == LR
-    assert opt.param_groups[0] is muon_group and opt.param_groups[1] is adamw_group
+    assert muon_group["lr"] == adamw_group["lr"] == LR  # the wide and square weights: factor 1
+    assert opt.param_groups == [*opt.muon.param_groups, adamw_group]
 
 
 def test_state_is_both_optimizers_and_a_scheduler_sets_both_lrs():
@@ -69,27 +76,30 @@ def test_state_is_both_optimizers_and_a_scheduler_sets_both_lrs():
     assert all(p.grad is None for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in opt.state} == {id(p) for p in trainable}
-    assert all("momentum_buffer" in opt.state[p] for p in opt.muon.param_groups[0]["params"])
+    assert all("momentum_buffer" in opt.state[p] for g in opt.muon.param_groups for p in g["params"])
     assert all("exp_avg_sq" in opt.state[p] for p in opt.adamw.param_groups[0]["params"])
+    before = [g["lr"] for g in opt.param_groups]
     torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)
-    assert opt.muon.param_groups[0]["lr"] == opt.adamw.param_groups[0]["lr"] == LR / 4
+    assert [g["lr"] for g in opt.param_groups] == [lr / 4 for lr in before]
 
 
-def test_muon_step_is_torch_muon_with_the_adamw_rms_scale():
-    """Three steps on a wide [5, 12] weight equal torch's Muon at lr * 0.2 * sqrt(12): for a wide matrix
-    torch's default ("original") adjustment is 1, so the scale comes from match_rms_adamw alone."""
+@pytest.mark.parametrize("out_features, in_features", [(5, 12), (12, 5)])
+def test_muon_step_is_the_release_rule(out_features, in_features):
+    """Three steps on a wide [5, 12] and a tall [12, 5] weight equal the release's Muon: the orthogonalised
+    update scaled by lr * 0.2 * sqrt(max(A, B)) * sqrt(max(1, A / B)), decay lr * wd. Reference: torch's Muon
+    with its "original" adjustment (the sqrt(max(1, A / B)) factor) at lr * 0.2 * sqrt(max(A, B))."""
     torch.manual_seed(0)
-    layer = torch.nn.Linear(12, 5)
+    layer = torch.nn.Linear(in_features, out_features)
     start = layer.weight.detach().clone()
     weight = start.clone().requires_grad_()
-    lr, wd, scale = 0.02, 0.01, 0.2 * math.sqrt(12)
+    lr, wd, scale = 0.02, 0.01, 0.2 * math.sqrt(max(out_features, in_features))
     # The same decoupled decay lr * wd, written as (lr * scale) * (wd / scale).
     reference = torch.optim.Muon([weight], lr=lr * scale, weight_decay=wd / scale, momentum=0.95,
                                  nesterov=True, ns_steps=5, adjust_lr_fn="original")
     opt = build_optimizer(layer, train_cfg(lr=lr))
     for _ in range(3):
-        grad = torch.randn(5, 12)
-        layer.weight.grad, weight.grad, layer.bias.grad = grad.clone(), grad.clone(), torch.zeros(5)
+        grad = torch.randn(out_features, in_features)
+        layer.weight.grad, weight.grad, layer.bias.grad = grad.clone(), grad.clone(), torch.zeros(out_features)
         opt.step()
         reference.step()
     assert not torch.allclose(layer.weight, start)
