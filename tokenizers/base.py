@@ -39,6 +39,10 @@ class Tokenizer(torch.nn.Module):
     latent_channels: int
     downsample: int
     config: dict[str, Any]
+    # What `decode` gives: "images" in [-1, 1], or "features" [B, tokens, dim] of a frozen encoder (SemVAE).
+    # A feature tokenizer's latents are one group of a composite latent (SFD's semantic channels), never
+    # decoded to images on their own: code that treats decode's output as images must check this first.
+    decodes_to: ClassVar[str] = "images"
 
     def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
         raise NotImplementedError
