@@ -1,6 +1,8 @@
 """Any tokenizer with any generator: every shipped tokenizer family and variant x every shipped generator family,
 tiny, through the commands (extract a store, train 3 steps, resume to 4, sample and decode). A pair the generator
-rejects must say why, and the README's table must be the one tools/matrix.py makes from the same registries."""
+rejects must say why, and the README's table must be the one tools/matrix.py makes from the same registries.
+A feature tokenizer (decodes_to "features": SemVAE) has no image decoder: a generator run on its latents alone must
+stop, saying they do not decode to images, and its decode must give features [B, tokens, dim] of the latents' grid."""
 import dataclasses
 import json
 from pathlib import Path
@@ -16,7 +18,7 @@ from generators import train as gtrain
 from generators.registry import latent_mismatch, shipped_generators
 from latents.dataset import latent_info
 from latents.extract import main as extract_main
-from tokenizers.base import shipped_tokenizers
+from tokenizers.base import load_tokenizer, shipped_tokenizers
 from tokenizers.encoders import ENCODERS
 
 IMAGE_SIZE = 32  # a multiple of RAE's 16 and of every tokenizer's downsampling
@@ -75,6 +77,14 @@ def exercise(latents: Path, family: str, tmp_path: Path, *extra: str) -> str | N
             gtrain.train(cfg, latent_cfg)
         assert str(e.value) == reason
         return reason
+    tok = load_tokenizer(latents.parent / "tok")
+    if tok.decodes_to != "images":  # a semantic group (see the module docstring)
+        assert tok.decodes_to == "features"
+        with pytest.raises(MismatchError, match="not images"):
+            gtrain.train(cfg, latent_cfg)
+        c, h, w = latent_info(latent_cfg).latent_shape
+        assert tok.decode(torch.randn(2, c, h, w)).shape[:2] == (2, h * w)
+        return f"decodes to {tok.decodes_to}"
     gtrain.train(cfg, latent_cfg)
     gtrain.train(*run_config(latents, family, run_dir, "train.steps=4", *extra))
     metrics = read_jsonl(run_dir / "metrics.jsonl")

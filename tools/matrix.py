@@ -6,7 +6,10 @@
 Rows: every shipped tokenizer family and variant, with its latents at 256 px; columns: every shipped generator
 family, as its released config (configs/generator/<config>.yaml) builds it. A cell says whether that generator
 takes those latents (else the reason its own check gives) and which official generator checkpoints were trained on
-them. Models are built on the meta device: no weights are needed, none are read.
+them. A feature tokenizer (`decodes_to = "features"`: SemVAE) decodes to features, not images, so no generator takes
+its latents alone (their sample grids need images): they are one group of a composite latent (SFD's semantic
+channels, after a texture VAE's).
+Models are built on the meta device: no weights are needed, none are read.
 """
 from __future__ import annotations
 
@@ -35,10 +38,13 @@ def latent_shape(cls: type[Tokenizer], variant: str) -> tuple[int, int, int]:
         return cls.from_config(cls.released_config(variant)).latent_shape(IMAGE_SIZE)
 
 
-def cell(family: GeneratorFamily, tokenizer: str, variant: str, shape: tuple[int, int, int]) -> str:
+def cell(family: GeneratorFamily, tokenizer: str, variant: str, shape: tuple[int, int, int],
+         decodes_to: str = "images") -> str:
     reason = latent_mismatch(compose("generator", family.config).model, shape)
     if reason is not None:
         return f"no: {reason}"
+    if decodes_to != "images":
+        return f"no: decodes to {decodes_to}, not images; a group of a composite latent (SFD)"
     official = [r.name for r in family.releases if (r.tokenizer, r.variant) == (tokenizer, variant)]
     return "works" + (f"; official: {', '.join(official)}" if official else "")
 
@@ -53,7 +59,7 @@ def table() -> str:
             shape = latent_shape(cls, variant)
             cells = [f"{name} ({variant})" if variant else name, "×".join(map(str, shape)),
                      ", ".join(cls.releases.get(variant, ())) or "none",
-                     *(cell(g, name, variant, shape) for g in generators)]
+                     *(cell(g, name, variant, shape, cls.decodes_to) for g in generators)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
