@@ -45,6 +45,7 @@ from core.log import get_logger
 from core.runtime import RunFolder, latest_checkpoint, make_accelerator, progress, seed_everything, step_generators
 from tokenizers import vavae_train  # noqa: F401  (registers vavae; imported first, so listed first)
 from tokenizers import rae_train  # noqa: F401  (registers rae)
+from tokenizers import semvae_train  # noqa: F401  (registers semvae)
 from tokenizers.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
 from tokenizers.recipe import FAMILIES, Family
 
@@ -130,6 +131,8 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     """Train (or resume) one tokenizer run; returns the run folder. The exported tokenizer is in `<run>/tokenizer`."""
     if family_name not in FAMILIES:
         raise ConfigError(f"unknown tokenizer family {family_name!r}; trainable here: {', '.join(sorted(FAMILIES))}")
+    if hasattr(FAMILIES[family_name], "run"):  # a recipe with its own loop (semvae: features, no GAN)
+        return FAMILIES[family_name].run(cfg)
     run_dir = cfg.run.dir or f"runs/tokenizer/{family_name}"
     acc = make_accelerator(cfg.train.precision, cfg.train.log_with, run_dir)
     seed_everything(cfg.train.seed)
