@@ -179,3 +179,28 @@ def test_a_saved_folder_holds_the_official_names_only_and_reloads(small_encoders
     images = torch.rand(2, 3, 32, 32) * 2 - 1  # the seeded random encoder is built again, the same
     assert isinstance(again, SemVAE) and torch.equal(again.encode(images), tok.encode(images))
     assert math.isclose(again.config["mlp_ratio"], 4.0)
+
+
+def test_a_store_of_posterior_samples_as_the_release_stores_them(small_encoders, tmp_path):
+    """latents.extract --sample-posterior: one sample per image and per mirror, drawn around the posterior mean."""
+    import zarr
+
+    from core.data import load_data_config
+    from core.images import build_source
+    from latents.extract import main as extract_main
+
+    tiny(seed=4).save_pretrained(tmp_path / "tok")
+    args = ["--tokenizer", str(tmp_path / "tok"), "--data", "synthetic", "--workers", "0", "--batch-size", "8",
+            "data.num_images=8", "data.image_size=32"]
+    extract_main([*args, "--out", str(tmp_path / "mean.zarr")])
+    extract_main([*args, "--out", str(tmp_path / "sample.zarr"), "--sample-posterior", "--dtype", "float32"])
+    mean, sample = (zarr.open_group(str(tmp_path / f"{n}.zarr"), mode="r") for n in ("mean", "sample"))
+    assert sample["latents"].shape == (8, 16, 2, 2) and sample.attrs["extraction"]["sample_posterior"]
+    tok = load_tokenizer(tmp_path / "tok")
+    image = build_source(load_data_config("synthetic", ["data.num_images=8", "data.image_size=32"]))[int(sample["index"][0])][0]
+    m, logvar = tok.posterior(image[None])
+    z = torch.from_numpy(sample["latents"][0])
+    # A sample, not the mean: off the mean by a few standard deviations at most.
+    assert not torch.allclose(z, m[0], atol=1e-3) and ((z - m[0]) / torch.exp(0.5 * logvar[0])).abs().max() < 6
+    assert torch.allclose(torch.from_numpy(mean["latents"][0]).float(), m[0], atol=1e-2)
+    assert not torch.equal(torch.from_numpy(sample["latents"][0]), torch.from_numpy(sample["latents_flip"][0]))
