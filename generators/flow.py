@@ -28,8 +28,8 @@ def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = t * x + (1 - t) * eps for data x, noise eps and times t [B]."""
-    tb = _per_sample(t, x)
+    """x_t = t * x + (1 - t) * eps for data x, noise eps and times t [B], or per channel [B, C, 1, 1] (SFD)."""
+    tb = t.to(x.dtype) if t.ndim == x.ndim else _per_sample(t, x)
     return tb * x + (1 - tb) * eps
 
 
@@ -100,15 +100,20 @@ def sample_t(
     return shift_time(t, shift)
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.0) -> dict[str, torch.Tensor]:
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.0,
+              channel_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """MSE (mean over C, H, W, then batch) plus ``cos_weight`` times the cosine term.
 
+    ``channel_weights`` [C] weigh each channel's squared error before the mean (SFD: β on the semantic group).
     The cosine term is 1 - cos(pred, target) along the channel dimension, averaged over the
     spatial positions and the batch (LightningDiT uses weight 1). Computed in fp32. Returns
     scalars ``loss``, ``mse`` and ``cos`` (``cos`` is reported even when its weight is 0).
     """
     pred, target = pred.float(), target.float()
-    mse = (pred - target).pow(2).mean()
+    err = (pred - target).pow(2)
+    if channel_weights is not None:
+        err = err * channel_weights.to(err.device).reshape(1, -1, *([1] * (err.ndim - 2)))
+    mse = err.mean()
     cos = (1 - F.cosine_similarity(pred, target, dim=1)).mean()
     return {"loss": mse + cos_weight * cos, "mse": mse, "cos": cos}
 

@@ -5,7 +5,10 @@ so the released checkpoints (XL/1: 351 keys, including the persistent RoPE buffe
 frozen ``pos_embed``) load strictly. Two optional parts come with the keywords of the codes that
 added them: Internal Guidance's head ``final_layer_xr`` after block ``encoder_depth``
 (CVL-UESTC/Internal-Guidance; its XL/1 model has 356 keys) and SFD's REPA projector
-``repa_projector`` after block ``repa_depth`` (yuemingPAN/SFD). Time convention (DESIGN §3): t in [0, 1], 0 = noise,
+``repa_projector`` after block ``repa_depth`` (yuemingPAN/SFD). With SFD's ``semantic_chans`` and
+``semfirst_delta_t`` it is SFD's semantic-first model: its last ``semantic_chans`` channels are the
+semantic group, each group has its own time, and two half-width time embedders (``t_embedder_sem``,
+``t_embedder_tex``) are concatenated [sem, tex]; ``t`` is then [B, 2] holding (t_tex, t_sem). Time convention (DESIGN §3): t in [0, 1], 0 = noise,
 1 = data; the model predicts the velocity x - eps; the null class is ``num_classes``.
 """
 from __future__ import annotations
@@ -103,10 +106,13 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         repa_dino_version: str | None = None,
         repa_depth: int | None = None,
         repa_projector_dim: int = 2048,
+        semantic_chans: int = 0,
+        semfirst_delta_t: float = 0.0,
     ):
         """``encoder_depth``: the IG head reads block k (1-based; the release uses 8); None = no head (IG's own
         code always builds one, default 8). ``use_repa``: a projector from block ``repa_depth`` (1-based) to the
-        tokens of the encoder ``repa_dino_version`` (SFD's names or ours), width ``repa_projector_dim``."""
+        tokens of the encoder ``repa_dino_version`` (SFD's names or ours), width ``repa_projector_dim``.
+        ``semantic_chans`` > 0 and ``semfirst_delta_t`` > 0: SFD's semantic-first model (the module docstring)."""
         super().__init__()
         if input_size % patch_size:
             # The patch embedding would silently drop the last rows and columns.
@@ -121,7 +127,17 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         self.use_checkpoint = use_checkpoint
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        # As SFD's code: semantic-first needs both keywords; otherwise one embedder, as LightningDiT.
+        self.semantic_chans, self.semfirst_delta_t = semantic_chans, semfirst_delta_t
+        self.semantic_first = semantic_chans > 0 and semfirst_delta_t > 0
+        if self.semantic_first:
+            if not 0 < semantic_chans < in_channels or hidden_size % 2:
+                raise UserError(f"semantic_chans={semantic_chans} must leave texture channels of the {in_channels}, "
+                                f"and hidden_size={hidden_size} must be even (two half-width time embedders)")
+            self.t_embedder_sem = TimestepEmbedder(hidden_size // 2)
+            self.t_embedder_tex = TimestepEmbedder(hidden_size // 2)
+        else:
+            self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         # A frozen parameter, not a buffer: the official checkpoints store it as one.
@@ -159,9 +175,21 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for embedder in self.time_embedders():
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         zero_modulation_and_output(self.blocks, self.final_layer)
+
+    def time_embedders(self) -> list[TimestepEmbedder]:
+        return [self.t_embedder_sem, self.t_embedder_tex] if self.semantic_first else [self.t_embedder]
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] -> [B, D]; a semantic-first model takes t [B, 2] = (t_tex, t_sem) -> [sem | tex] halves."""
+        if not self.semantic_first:
+            return self.t_embedder(t)
+        if t.ndim != 2 or t.shape[1] != 2:
+            raise UserError(f"a semantic-first LightningDiT takes t of shape [B, 2] = (t_tex, t_sem), got {tuple(t.shape)}")
+        return torch.cat([self.t_embedder_sem(t[:, 1]), self.t_embedder_tex(t[:, 0])], dim=1)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W); channels are fastest within a patch."""
@@ -179,13 +207,13 @@ class LightningDiT(nn.Module, OfficialCheckpointMixin):
         return_ig: bool = False,
         return_repa: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Velocity for x_t [B, C, H, W] at times t [B] with labels y [B].
+        """Velocity for x_t [B, C, H, W] at times t [B] (semantic-first: [B, 2], (t_tex, t_sem)) with labels y [B].
 
         ``force_drop_ids``: samples whose label is replaced by the null class. ``return_ig``: also the IG head's
         velocity v_mid; ``return_repa``: also the projected tokens [B, T, feature_dim] (layers.pack_outputs).
         """
         h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        c = self.embed_time(t) + self.y_embedder(y, force_drop_ids)
         v_mid = repa = None
         for k, block in enumerate(self.blocks, start=1):
             h = run_block(block, h, c, self.feat_rope, self.use_checkpoint)

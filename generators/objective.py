@@ -4,6 +4,8 @@
   ``train.ig_weight`` x MSE(v_mid, v*), the head's velocity against the same target (0.5 in the release).
 - REPA (sihyun-yu/REPA): a model with a projector (``model.repa_depth``) adds ``train.repa.weight`` x the
   alignment of its projected tokens with the encoder tokens of the batch's images (generators.repa).
+- A semantic-first model (SFD) noises each channel group at its own time (generators.sfd) and weighs the
+  semantic channels' squared error by ``flow.semantic_beta``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from core.errors import MismatchError
-from generators import flow
+from generators import flow, sfd
 from generators.repa import match_grid, repa_loss
 
 
@@ -34,14 +36,28 @@ class Objective:
         self.repa_until = None if r.until_step is None else int(r.until_step)
         # LightningDiT knows its target encoder (SFD's repa_dino_version); DiT^DH only its width (z_dim).
         self.repa_encoder = getattr(model, "repa_encoder", None) or cfg.model.repa_encoder
+        self.semantic_first = sfd.is_semantic_first(model)
+        self.channel_weights = None
+        if self.semantic_first:
+            self.delta, self.channels, self.semantic_chans = model.semfirst_delta_t, model.in_channels, model.semantic_chans
+            self.channel_weights = sfd.channel_weights(self.channels, self.semantic_chans, cfg.flow.semantic_beta)
+
+    def path(self, x: torch.Tensor, eps: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, the model's t, the velocity target) of data x, noise eps and time draws u [B]; a semantic-first
+        model's t is [B, 2] = (t_tex, t_sem) and its channel groups are noised at their own times."""
+        target = flow.velocity_target(x, eps)
+        if not self.semantic_first:
+            return flow.interpolate(x, eps, u), u, target
+        t = sfd.times(u, self.delta)
+        return flow.interpolate(x, eps, sfd.channel_times(t, self.channels, self.semantic_chans)), t, target
 
     def check_targets(self, latent_shape: tuple[int, int, int], feature_shape: tuple[int, int]) -> None:
         """REPA targets of `feature_shape` (tokens, dim) must fit the projector's output on latents of `latent_shape`:
         a MismatchError before any compute otherwise. Runs the model on the meta device (no memory, no work)."""
         with torch.device("meta"):
             model = self.model.to("meta")
-            x = torch.zeros(1, *latent_shape)
-            _, projected = model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long), return_repa=True)
+            x, t = torch.zeros(1, *latent_shape), torch.zeros(1, 2) if self.semantic_first else torch.zeros(1)
+            _, projected = model(x, t, torch.zeros(1, dtype=torch.long), return_repa=True)
         tokens, dim = feature_shape
         if projected.shape[-1] != dim:
             raise MismatchError(f"REPA: the projector gives {projected.shape[-1]}-d tokens, the target features of "
@@ -60,7 +76,7 @@ class Objective:
         with autocast():
             out = forward(x_t, t, y, force_drop_ids=drop, return_ig=self.ig, return_repa=self.repa)
         v, rest = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
-        losses = flow.flow_loss(v, target, self.cos_weight)
+        losses = flow.flow_loss(v, target, self.cos_weight, self.channel_weights)
         if self.ig:
             losses["ig_mse"] = (rest.pop(0).float() - target.float()).pow(2).mean()
             losses["loss"] = losses["loss"] + self.ig_weight * losses["ig_mse"]

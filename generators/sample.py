@@ -34,6 +34,7 @@ from core.log import get_logger
 from core.provenance import code_version, provenance_file
 from core.runtime import checkpoint_problems, keep_setup, latest_checkpoint, make_accelerator, progress
 from core.samples import save_npz, save_samples_npz, to_uint8
+from generators import sfd
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
 from generators.registry import build_generator
@@ -165,6 +166,10 @@ def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], 
                    device: torch.device, guide: torch.nn.Module | None = None) -> torch.Tensor:
     """Latents of the samples `indices` (their noise is seeded per index) with labels `y`, by the settings `s`."""
     z = initial_noise(indices, shape, s.seed, device)
+    if sfd.is_semantic_first(model):
+        return sfd.sample(sfd.guided_velocity(model, y, s, guide), z, model.semfirst_delta_t,
+                          model.in_channels - model.semantic_chans, s.steps, s.method, s.shift,
+                          s.get("atol", 1e-6), s.get("rtol", 1e-3))
     gens = sample_generators(indices, s.seed, stream=1)  # the SDE's per-step noise, per sample
     return sample(denoise_fn(model, y, s, guide), z, s.steps, s.method, s.shift, generators=gens)
 

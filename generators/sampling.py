@@ -114,15 +114,20 @@ def sample(
     method: str = "euler",
     shift: float = 0.0,
     generators: Sequence[torch.Generator] | None = None,
+    span: float = 1.0,
 ) -> torch.Tensor:
     """Integrate from noise z (t = 0) to t = 1 on ``time_grid(steps, shift)``.
+
+    ``span``: the grid is scaled to [0, span] (SFD's τ runs to 1 + Δ; the ODE methods only).
 
     ``method``: ``euler`` (steps - 1 evaluations, the official sampler), ``heun``
     (2 (steps - 1) - 1 evaluations: the last interval is Euler), ``heun2`` (2 (steps - 1)), or ``euler_maruyama`` (SDE, steps - 1 evaluations;
     its noise comes from ``generators``, one per sample, e.g. ``sample_generators(indices,
     seed, stream=1)``, or from the global RNG when None).
     """
-    grid = time_grid(steps, shift).to(z.device)
+    grid = time_grid(steps, shift).to(z.device) * span
+    if span != 1.0 and method == "euler_maruyama":
+        raise ValueError("the SDE sampler integrates t over [0, 1] only")
     if method == "euler":
         return _euler(denoise_fn, z, grid)
     if method == "heun":

@@ -178,8 +178,8 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
         eps, t, drop = step_randomness(cfg.run.seed, step, cfg.train.global_batch, rank, world, shape, cfg.flow,
                                        drop_prob, acc.device)
-        losses = objective(forward, flow.interpolate(x, eps, t), t, y, drop, flow.velocity_target(x, eps),
-                           features[0] if features else None, step, acc.autocast)
+        x_t, t, target = objective.path(x, eps, t)
+        losses = objective(forward, x_t, t, y, drop, target, features[0] if features else None, step, acc.autocast)
         acc.backward(losses["loss"])
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
         loss_value = acc.reduce(losses["loss"].detach(), "mean").item()

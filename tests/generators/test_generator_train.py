@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,9 +129,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(latent_yaml, t
     real = flow.flow_loss
     calls = {"n": 0}
 
-    def poisoned(pred, target, cos_weight=0.0):
+    def poisoned(pred, target, cos_weight=0.0, channel_weights=None):
         calls["n"] += 1
-        out = real(pred, target, cos_weight)
+        out = real(pred, target, cos_weight, channel_weights)
         if calls["n"] == 8:
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -301,3 +302,20 @@ def test_a_run_from_before_the_training_aids_resumes(latent_yaml, tmp_path):
         run(latent_yaml, tmp_path / "b", "train.steps=10", "model.ig_depth=1")  # an added key set otherwise: refused
     run(latent_yaml, tmp_path / "b", "train.steps=10")
     assert_same(final_weights(tmp_path / "a", 10), final_weights(tmp_path / "b", 10))
+
+
+def test_a_semantic_first_model_trains_resumes_and_samples(latent_yaml, tmp_path):
+    from generators.sample import main as sample_main
+
+    sfd = ["model.options={hidden_size: 32, depth: 2, num_heads: 2, semantic_chans: 2, semfirst_delta_t: 0.3}"]
+    run(latent_yaml, tmp_path / "a", *sfd, "train.steps=12")
+    run(latent_yaml, tmp_path / "b", *sfd, "train.steps=6")
+    run(latent_yaml, tmp_path / "b", *sfd, "train.steps=12")
+    a = final_weights(tmp_path / "a", 12)
+    assert_same(a, final_weights(tmp_path / "b", 12))
+    assert "t_embedder_sem.mlp.0.weight" in a
+    for method in ("euler", "dopri5"):
+        out = tmp_path / f"{method}.npz"
+        sample_main(["--run", str(tmp_path / "a"), "--num", "2", "--out", str(out), f"sample.method={method}",
+                     "sample.steps=4", "sample.cfg_scale=1.5", "sample.scale_sem=2.0"])
+        assert np.load(out)["arr_0"].shape == (2, 32, 32, 3)
