@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from core.checkpoint import load_torch_weights
+from core.errors import UserError
 from latents.store import LatentStore, Stats, combined_stats, open_stores
 
 
@@ -51,11 +53,32 @@ class Normalizer:
         return z.add_(self.mean.to(x.device)) if self.mean is not None else z
 
 
-def official_normalizer(cfg: DictConfig) -> Normalizer:
-    """The normalisation of the config's `stats` file (RAE's released format; std = sqrt(var + 1e-5))."""
+def load_stats_file(path: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(mean or None, std) float32 of a released statistics file, either
+    - RAE's `stat.pt`, {'mean': Tensor | None, 'var': Tensor} per element: std = sqrt(var + 1e-5)
+      (tokenizers.rae.load_official_stats); or
+    - LightningDiT's and SFD's `latents_stats.pt` / `latents_sv_stats.pt`, {'mean', 'std'} shaped [1, C, 1, 1]:
+      used as they are, (z - mean) / std, and returned per channel [C]."""
     from tokenizers.rae import load_official_stats
 
-    mean, std = load_official_stats(cfg.stats)
+    state = load_torch_weights(path)
+    if isinstance(state, dict) and "var" in state:
+        return load_official_stats(path)
+    mean, std = (state.get(k) if isinstance(state, dict) else None for k in ("mean", "std"))
+    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path} is not an RAE statistics file ({{'mean': Tensor or None, 'var': Tensor}}) nor a "
+                        f"LightningDiT/SFD one ({{'mean': Tensor, 'std': Tensor}}); got {keys}")
+    if mean.shape != std.shape:
+        raise UserError(f"{path}: mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
+    if mean.ndim == 4 and mean.shape[0] == 1 and mean.shape[2:] == (1, 1):  # the released [1, C, 1, 1]
+        mean, std = mean.flatten(), std.flatten()
+    return mean.float().numpy(), std.float().numpy()
+
+
+def official_normalizer(cfg: DictConfig) -> Normalizer:
+    """The normalisation of the config's `stats` file (load_stats_file: RAE's or LightningDiT's / SFD's format)."""
+    mean, std = load_stats_file(cfg.stats)
     return Normalizer(mean, std, cfg.multiplier)
 
 
