@@ -153,3 +153,15 @@ def test_autoguidance_uses_the_true_label_for_both_models():
     assert torch.allclose(v, weak(x, t, y) + 1.5 * (model(x, t, y) - weak(x, t, y)), atol=1e-5)
     with pytest.raises(UserError, match="Internal Guidance"):
         sfd.guided_velocity(model, y, settings(ig_scale=1.4))
+
+
+@pytest.mark.parametrize("name, keys, params", [("sfd_xl1", 417, 682_765_424), ("sfd_xl1_80ep", 417, 682_765_424),
+                                                ("sfd_1p0b", 361, 1_037_191_472), ("sfd_b1", 193, 137_632_304)])
+def test_the_release_configs_build_sfds_models(name, keys, params):
+    from core.config import compose
+    from generators.registry import build_generator
+
+    with torch.device("meta"):
+        model = build_generator(compose("generator", name).model)
+    assert model.semantic_first and model.repa_encoder == "dinov2_b_reg" and model.repa_depth == 2
+    assert (len(model.state_dict()), sum(p.numel() for p in model.parameters())) == (keys, params)
