@@ -319,3 +319,27 @@ def test_a_semantic_first_model_trains_resumes_and_samples(latent_yaml, tmp_path
         sample_main(["--run", str(tmp_path / "a"), "--num", "2", "--out", str(out), f"sample.method={method}",
                      "sample.steps=4", "sample.cfg_scale=1.5", "sample.scale_sem=2.0"])
         assert np.load(out)["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_official_sfd_checkpoints_sample_with_the_b1_guide_as_the_release(latent_yaml, tmp_path):
+    import json
+
+    from generators.lightningdit import LightningDiT
+    from generators.sample import main as sample_main
+
+    tiny = dict(input_size=4, patch_size=1, in_channels=8, num_classes=10, num_heads=2, use_swiglu=True, use_rope=True,
+                use_rmsnorm=True, use_qknorm=True, semantic_chans=2, semfirst_delta_t=0.3)
+    torch.manual_seed(0)
+    for name in ("main", "guide"):  # the release's {"model", "ema", "opt", "config"} dicts
+        state = LightningDiT(hidden_size=32, depth=2, **tiny).state_dict()
+        torch.save({"model": state, "ema": state, "opt": {}, "config": {}}, tmp_path / f"{name}.pt")
+    model = ["model.size=B/1", "model.input_size=4", "model.in_channels=8", "model.num_classes=10", "model.repa_depth=null",
+             "model.options={hidden_size: 32, depth: 2, num_heads: 2, use_qknorm: true, semantic_chans: 2, "
+             "semfirst_delta_t: 0.3}"]
+    out = tmp_path / "s.npz"
+    # The guide is built as the main model's family and options at guide_size (B/1 here for both).
+    sample_main(["--official", str(tmp_path / "main.pt"), "--latent", str(latent_yaml), "--num", "2", "--out", str(out),
+                 "generator=sfd_xl1", *model, f"sample.autoguidance.guide={tmp_path / 'guide.pt'}"])
+    record = json.loads(out.with_name("s.npz.json").read_text())
+    assert record["sample"]["method"] == "dopri5" and record["guide"]["sha256"]
+    assert np.load(out)["arr_0"].shape == (2, 32, 32, 3)
