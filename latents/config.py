@@ -19,6 +19,30 @@ A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
 
 A preset (`preset=demo` on the command line) may hold a section `latent: {<name>: {...}}` that is
 merged into the latent config of that name, e.g. the demo's store and tokenizer paths.
+
+A *composite* latent config joins the latents of several stores along channels (SFD's [texture 32 | semantic 16],
+configs/latent/sfd.yaml):
+
+    groups:                               # joined in this order: channels 0..C1-1 are the first group's, ...
+      - name: texture                     # an inline group: stores, tokenizer, normalization, stats, multiplier
+        stores: [/data/latents/tex.zarr]  #   as above, for this group's channels only
+        tokenizer: vavae:/ckpt/ldm-imagenet256-f16d32-50ep.ckpt
+        stats: /ckpt/latents_stats.pt     #   its own statistics (null: its stores')
+      - name: semantic
+        stores: [/data/latents/sem.zarr]
+        tokenizer: semvae:/ckpt/semantic_ae_final.pt
+        stats: /ckpt/latents_sv_stats.pt
+      - vavae                             # or a configs/latent name (or YAML path); the group is then named so
+    cache_dir: null                       # as above, for every group's cache
+    generator: lightningdit_xl1           # as above
+
+Only `groups`, `cache_dir` and `generator` are given at the top of a composite config. Every group is a store
+config (online groups are not supported) normalised as it would be alone, by its own statistics and multiplier;
+a named config's own cache_dir and generator are not used. The stores of the groups must hold the same images in
+the same row order (extract them from one `--data` with one `--seed`; latents.dataset.latent_info checks it), and
+group i's k-th store is joined with every other group's k-th store. The first group's tokenizer decodes: with
+the first group's statistics, on its channels only (SFD decodes the texture latent); the other groups'
+tokenizers are never loaded (SFD's semantic VAE decodes to features, not images).
 """
 from __future__ import annotations
 
@@ -26,13 +50,15 @@ import difflib
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from core.config import ConfigError, named_config
 from core.images import default_workers
 
 LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "stats": None, "online": None,
-                   "multiplier": 1.0, "cache_dir": None, "generator": "lightningdit_xl1"}
+                   "multiplier": 1.0, "cache_dir": None, "generator": "lightningdit_xl1", "groups": None}
+COMPOSITE_KEYS = ("groups", "cache_dir", "generator")  # the top of a composite config
+GROUP_KEYS = ("name", "stores", "tokenizer", "normalization", "stats", "multiplier")  # the keys of a group
 ONLINE_DEFAULTS = {"data": None, "workers": default_workers()}
 
 
@@ -60,6 +86,8 @@ def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str 
         cfg = OmegaConf.create(OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else dict(name_or_cfg))
     _check_keys(cfg, LATENT_DEFAULTS, "latent config")
     cfg = OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS), cfg)
+    if cfg.groups is not None:
+        return _composite(cfg, preset)
     if isinstance(cfg.stores, str):
         cfg.stores = [cfg.stores]
     if cfg.online is not None:
@@ -83,3 +111,50 @@ def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str 
             "stat.pt such as the released one) or 'stores' whose statistics are used (e.g. a store extracted with "
             "--stats element --no-mean); or set normalization: none")
     return cfg
+
+
+def _composite(cfg: DictConfig, preset: str | None) -> DictConfig:
+    """A composite config with every group loaded and checked as a latent config of its own (module docstring)."""
+    # Compared with the defaults rather than by presence: an already composed config holds every key.
+    stray = [k for k in LATENT_DEFAULTS if k not in COMPOSITE_KEYS and cfg[k] != LATENT_DEFAULTS[k]]
+    if stray:
+        raise ConfigError(f"a composite latent config (groups) takes only {', '.join(COMPOSITE_KEYS)} at its top; "
+                          f"'{stray[0]}' belongs to a group")
+    if not isinstance(cfg.groups, ListConfig) or not cfg.groups:
+        raise ConfigError("latent config 'groups' must be a non-empty list of latent configs (configs/latent names "
+                          "or mappings with stores, tokenizer, ...), joined along channels in that order")
+    groups = []
+    for i, group in enumerate(cfg.groups):
+        try:
+            groups.append(_group(group, i, preset))
+        except ConfigError as e:  # say which group; the message is the group's own
+            raise ConfigError(f"latent config group {i}{f' ({group})' if isinstance(group, str) else ''}: {e}") from e
+    names = [g.name for g in groups]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"latent config groups need distinct names, got {names}")
+    return OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS),
+                           {"groups": groups, "cache_dir": cfg.cache_dir, "generator": cfg.generator})
+
+
+def _group(group: Any, i: int, preset: str | None) -> DictConfig:
+    """Group `i`: a configs/latent name (or YAML path), or a mapping of GROUP_KEYS; only its GROUP_KEYS are kept."""
+    if isinstance(group, str):
+        name, loaded = Path(group).stem, load_latent_config(group, preset)
+        if loaded.groups is not None:
+            raise ConfigError("it is itself composite; list its groups instead")
+        if loaded.online is not None:
+            raise ConfigError("it encodes online, but the groups of a composite config must be stores (online groups "
+                              "are not supported)")
+    elif isinstance(group, DictConfig):
+        for key, why in (("online", "must be stores (online groups are not supported)"),
+                         ("groups", "cannot be composite themselves"),
+                         ("cache_dir", "take the composite config's 'cache_dir'"),
+                         ("generator", "take the composite config's 'generator'")):
+            if group.get(key) not in (None, LATENT_DEFAULTS[key]):
+                raise ConfigError(f"it gives '{key}', but the groups of a composite config {why}")
+        _check_keys(group, {**LATENT_DEFAULTS, "name": None}, "latent config group")
+        name = str(group.get("name") or f"group{i}")
+        loaded = load_latent_config({k: v for k, v in group.items() if k != "name"})
+    else:
+        raise ConfigError(f"a group must be a configs/latent name or a mapping, got {group!r}")
+    return OmegaConf.create({"name": name, **{k: loaded[k] for k in GROUP_KEYS if k != "name"}})

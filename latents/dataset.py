@@ -15,6 +15,13 @@ REPA target features: with a `FeatureRequest` (`features=` of build_latent_loade
 `(x, y, feats)`, feats float32 [b, tokens, dim] on x's device (`feature_shape`): for a store, its
 `features` / `features_flip` rows, taken with the same view as the latents (cached like them); online, the
 encoder applied to the very images of the step. Without a request batches are `(x, y)`.
+
+Composite configs (latents/config.py `groups`, e.g. SFD's [texture 32 | semantic 16]): `CompositeLoader` caches
+each group's stores as above and joins a step's latents along channels, each group normalised by its own
+statistics; one schedule picks the rows and views for every group, and the groups' stores hold the same images
+in the same row order (latent_info checks it), so all channels of a sample come from one image and one view.
+Labels are the first group's (equal in all); REPA features come from the first group whose stores hold them.
+Online groups are not supported.
 """
 from __future__ import annotations
 
@@ -34,8 +41,8 @@ from core.errors import CorruptFileError, MismatchError, UnknownNameError, UserE
 from core.integrity import sha256_file
 from core.log import get_logger
 from latents.config import load_latent_config
-from latents.normalize import Normalizer, normalizer_for, official_normalizer
-from latents.store import VIEWS, LatentStore, check_made_by, open_stores, shard_problem
+from latents.normalize import GroupedNormalizer, Normalizer, normalizer_for, official_normalizer
+from latents.store import VIEWS, LatentStore, check_aligned, check_made_by, open_stores, shard_problem
 from tokenizers.encoders import ENCODERS, feature_shape
 
 log = get_logger("latents.dataset")
@@ -72,12 +79,23 @@ class FeatureRequest:
 
 
 @dataclass(frozen=True)
+class ChannelGroup:
+    """Consecutive channels of a latent source that one store group made: a composite config's group, or the
+    whole latent of a single config (named "latents")."""
+
+    name: str
+    channels: int
+    stores: tuple[LatentStore, ...]
+
+
+@dataclass(frozen=True)
 class LatentInfo:
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, int, int]  # composite: the joined shape, (sum of the groups' channels, h, w)
     num_classes: int
-    num_rows: int  # valid rows over all stores, or images of the online source
-    stores: tuple[LatentStore, ...]  # online: the stores that supply statistics, if any
+    num_rows: int  # valid rows over all stores (of one group), or images of the online source
+    stores: tuple[LatentStore, ...]  # online: the stores that supply statistics, if any; composite: every group's
     feature_shape: tuple[int, int] | None = None  # (tokens, dim) of the requested REPA features
+    channel_groups: tuple[ChannelGroup, ...] = ()  # in channel order; their channels sum to latent_shape[0]
 
 
 def latent_info(latent_cfg: str | Path | Mapping[str, Any],
@@ -87,9 +105,13 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any],
     Online: the shape comes from the tokenizer (which is loaded) and the classes from the data source.
     `features`: REPA target features to be asked of the loader; a store must hold them (else a MismatchError
     naming the command that extracts them). A trainer checks these against its model before any compute.
+    Composite (`groups`): the joined shape and `channel_groups`, after checking that the groups' stores hold the
+    same images in the same row order on one latent grid (latents.store.check_aligned).
     """
     cfg = load_latent_config(latent_cfg)
     request = FeatureRequest.of(features)
+    if cfg.groups is not None:
+        return composite_info(cfg, request)
     stores = open_stores(cfg.stores)
     fshape = None
     if cfg.online is not None:
@@ -106,11 +128,56 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any],
         shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
         if request is not None:
             fshape = store_feature_shape(stores, request)
+    check_stats_shape(cfg, shape)
+    return LatentInfo(shape, num_classes, num_rows, stores, fshape, (ChannelGroup("latents", shape[0], stores),))
+
+
+def check_stats_shape(cfg: DictConfig, shape: tuple[int, int, int]) -> None:
+    """A config's `stats` file must fit its latents, per channel or per element."""
     if cfg.stats and cfg.normalization == "store":
         std = official_normalizer(cfg).std
         if tuple(std.shape) not in (shape, (shape[0], 1, 1)):
             raise MismatchError(f"statistics {cfg.stats} are shaped {tuple(std.shape)}, the latents {shape}")
-    return LatentInfo(shape, num_classes, num_rows, stores, fshape)
+
+
+def composite_info(cfg: DictConfig, request: FeatureRequest | None) -> LatentInfo:
+    """latent_info of a composite config: each group's stores checked as a single config's, then against the
+    first group's, store by store (latents.store.check_aligned); REPA features from the group that holds them."""
+    import tokenizers.families  # noqa: F401  (registers every family; here, as diffusers takes seconds to import)
+    from tokenizers.base import TOKENIZERS
+
+    opened = [open_stores(g.stores) for g in cfg.groups]
+    groups = tuple(ChannelGroup(g.name, stores[0].latent_shape[0], stores) for g, stores in zip(cfg.groups, opened))
+    first = groups[0]
+    made_by = TOKENIZERS.get(first.stores[0].tokenizer.get("name"))
+    if made_by is not None and made_by.decodes_to != "images":  # caught here, before training, not at the first sample grid
+        raise MismatchError(f"latent config group '{first.name}' comes first, so its tokenizer decodes the composite "
+                            f"latents, but its stores were made by {made_by.name}, which decodes to {made_by.decodes_to}, "
+                            "not images; put the image group first (SFD: texture, then semantic)")
+    for g, g_cfg in zip(groups, cfg.groups):
+        check_stats_shape(g_cfg, g.stores[0].latent_shape)
+    for g in groups[1:]:
+        if len(g.stores) != len(first.stores):
+            raise MismatchError(f"latent config group '{g.name}' has {len(g.stores)} stores, group '{first.name}' "
+                                f"{len(first.stores)}: the k-th store of each group is joined with the k-th of the others")
+        for a, b in zip(first.stores, g.stores):
+            check_aligned(a, b)
+    fshape = None if request is None else feature_group(groups, request)[1]
+    shape = (sum(g.channels for g in groups), *first.stores[0].latent_shape[1:])
+    return LatentInfo(shape, first.stores[0].num_classes, sum(s.num_valid for s in first.stores),
+                      tuple(s for g in groups for s in g.stores), fshape, groups)
+
+
+def feature_group(groups: tuple[ChannelGroup, ...] | list[ChannelGroup], request: FeatureRequest) -> tuple[int, tuple[int, int]]:
+    """The first group whose stores all hold the requested REPA features, and their (tokens, dim); else a
+    MismatchError naming each group's reason (what its stores hold and the command that adds the features)."""
+    why = []
+    for i, g in enumerate(groups):
+        try:
+            return i, store_feature_shape(g.stores, request)
+        except MismatchError as e:
+            why.append(f"group '{g.name}': {e}")
+    raise MismatchError("no group of the composite latent config holds the REPA features asked for; " + "; ".join(why))
 
 
 def store_feature_shape(stores: list[LatentStore] | tuple[LatentStore, ...], request: FeatureRequest) -> tuple[int, int]:
@@ -255,13 +322,45 @@ class LatentLoader(BatchLoader):
         self._labels = torch.from_numpy(labels)
 
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        rows, flips = self.schedule(step)
+        return self.take(*self.schedule(step))
+
+    def take(self, rows: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """(x, y) or (x, y, feats) of the given rows and views (1: mirrored)."""
         rows_t = torch.from_numpy(rows)
         views = 2 * rows_t + torch.from_numpy(flips)
         out = (self.normalizer.normalize(self._views.index_select(0, views)), self._labels[rows_t])
         if self._feature_views is None:
             return out
         return *out, self._feature_views.index_select(0, views).float()
+
+
+class CompositeLoader(BatchLoader):
+    """Batches of a composite config: each group's latents as a LatentLoader of its stores gives them (normalised
+    by the group's own statistics), joined along channels in group order (see the module docstring).
+    `groups`: LatentInfo.channel_groups, whose stores latent_info has checked to hold the same images in one order."""
+
+    def __init__(self, groups: tuple[ChannelGroup, ...] | list[ChannelGroup], normalizer: GroupedNormalizer,
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 cache_dir: str | Path | None = None, config: DictConfig | None = None,
+                 features: FeatureRequest | str | Mapping[str, Any] | None = None) -> None:
+        request = FeatureRequest.of(features)
+        self.features_from = None if request is None else feature_group(groups, request)[0]
+        self.groups = tuple(groups)
+        self.parts = [LatentLoader(list(g.stores), part, batch_size, seed, rank, world_size, start_step, cache_dir, None,
+                                   request if i == self.features_from else None)
+                      for i, (g, part) in enumerate(zip(groups, normalizer.parts))]
+        first = self.parts[0]
+        super().__init__(first.num_rows, normalizer, batch_size, seed, rank, world_size, start_step, config)
+        self.stores = [s for g in groups for s in g.stores]
+        self.latent_shape = (sum(p.latent_shape[0] for p in self.parts), *first.latent_shape[1:])
+        self.num_classes = first.num_classes
+        self.feature_shape = None if request is None else self.parts[self.features_from].feature_shape
+
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        rows, flips = self.schedule(step)  # the same rows and views for every group
+        outs = [part.take(rows, flips) for part in self.parts]
+        x, y = torch.cat([o[0] for o in outs], dim=1), outs[0][1]
+        return (x, y) if self.features_from is None else (x, y, outs[self.features_from][2])
 
 
 def load_cache(stores: list[LatentStore], cache_dir: str | Path | None,
@@ -354,5 +453,8 @@ def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: 
         from latents.online import OnlineLoader
 
         return OnlineLoader(cfg, normalizer, batch_size, seed, rank, world_size, start_step, device, info.stores, request)
+    if cfg.groups is not None:
+        return CompositeLoader(info.channel_groups, normalizer, batch_size, seed, rank, world_size, start_step,
+                               cfg.cache_dir, cfg, request)
     return LatentLoader(list(info.stores), normalizer, batch_size, seed, rank, world_size, start_step, cfg.cache_dir, cfg,
                         request)

@@ -53,6 +53,24 @@ class Normalizer:
         return z.add_(self.mean.to(x.device)) if self.mean is not None else z
 
 
+class GroupedNormalizer:
+    """The normalisation of latents joined along channels (a composite latent config): channels
+    [sum(channels[:i]), sum(channels[:i + 1])) are group i's, normalised by `parts[i]`, its own statistics."""
+
+    def __init__(self, parts: list[Normalizer], channels: list[int]) -> None:
+        self.parts, self.channels = list(parts), [int(c) for c in channels]
+
+    def _each(self, x: torch.Tensor, how: str) -> torch.Tensor:
+        chunks = torch.split(x, self.channels, dim=1)
+        return torch.cat([getattr(part, how)(chunk) for part, chunk in zip(self.parts, chunks)], dim=1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return self._each(z, "normalize")
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._each(x, "denormalize")
+
+
 def load_stats_file(path: str) -> tuple[np.ndarray | None, np.ndarray]:
     """(mean or None, std) float32 of a released statistics file, either
     - RAE's `stat.pt`, {'mean': Tensor | None, 'var': Tensor} per element: std = sqrt(var + 1e-5)
@@ -82,8 +100,19 @@ def official_normalizer(cfg: DictConfig) -> Normalizer:
     return Normalizer(mean, std, cfg.multiplier)
 
 
-def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = None) -> Normalizer:
-    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`)."""
+def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = None) -> Normalizer | GroupedNormalizer:
+    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`).
+
+    A composite config (`groups`) gets a GroupedNormalizer, each group's as if it were alone; `stores` are then
+    every group's, in group order (LatentInfo.stores)."""
+    if cfg.get("groups") is not None:  # a group's own config has no 'groups'
+        parts, channels, at = [], [], 0
+        for group in cfg.groups:
+            own = open_stores(group.stores) if not stores else tuple(stores[at : at + len(group.stores)])
+            at += len(group.stores)
+            parts.append(normalizer_for(group, own))
+            channels.append(own[0].latent_shape[0])
+        return GroupedNormalizer(parts, channels)
     if cfg.normalization == "none":
         return Normalizer(None, None, cfg.multiplier)
     if cfg.stats:

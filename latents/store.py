@@ -399,6 +399,29 @@ def open_stores(urls: list[str] | None) -> tuple[LatentStore, ...]:
     return stores
 
 
+def check_aligned(a: LatentStore, b: LatentStore) -> None:
+    """Refuse two stores whose latents cannot be joined along channels row by row (a composite latent config):
+    they must hold the same images in the same row order (row count, `index`, `valid`, `labels`, image size and
+    data source record) on one latent grid. Metadata and the per-row id arrays only; no latents are read."""
+    grid = [f"{s.latent_shape[1]}x{s.latent_shape[2]}" for s in (a, b)]
+    if grid[0] != grid[1]:
+        raise MismatchError(f"latent stores {a.url} and {b.url} cannot be joined along channels: their latent grids "
+                            f"are {grid[0]} and {grid[1]}")
+    what = [f"{label} {va} and {vb}" for label, va, vb in (
+        ("rows", a.num_rows, b.num_rows),
+        ("image size", a.attrs.get("image_size"), b.attrs.get("image_size")),
+        ("data source", (a.attrs.get("data") or {}).get("source"), (b.attrs.get("data") or {}).get("source"))) if va != vb]
+    if not what:
+        for name, meaning in (("index", "source positions"), ("valid", "valid masks"), ("labels", "labels")):
+            differ = np.flatnonzero(a.array(name)[:] != b.array(name)[:])
+            if len(differ):
+                what.append(f"{meaning} ('{name}') differ in {len(differ)} of {a.num_rows} rows, first row {differ[0]}")
+    if what:
+        raise MismatchError(f"latent stores {a.url} and {b.url} cannot be joined along channels: they do not hold the "
+                            f"same images in the same row order ({'; '.join(what)}); extract both from one --data "
+                            "with one --seed")
+
+
 def check_made_by(tok_info: dict[str, Any], spec: str, store: LatentStore) -> None:
     """Refuse a tokenizer (its provenance, `tokenizers.base.describe`) other than the one that made `store`."""
     made_by = store.tokenizer
