@@ -83,8 +83,14 @@ class ExtractSettings:
     center: bool = True  # False: no mean in the statistics (RAE)
     sample_posterior: bool = False
     seed: int = 0
+    noise_seed: int | None = None  # the posterior samples' seed; None: `seed` (a composite's groups need two)
     shard_rows: int | None = None  # None: sized by latents.store.make_layout
     autocast: bool = False  # bf16 autocast while encoding
+
+
+def noise_seed(settings: ExtractSettings) -> int:
+    """The seed of the posterior samples: --noise-seed, else --seed (which also orders the rows)."""
+    return settings.seed if settings.noise_seed is None else settings.noise_seed
 
 
 def log_path(out: str) -> Path:
@@ -107,7 +113,7 @@ def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tens
             mean, logvar = tokenizer.posterior(x)
             # Drawn on the CPU, one generator per (row, view), as the official code draws on the CPU RNG.
             noise = torch.stack([
-                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(derived_seed(settings.seed, int(i), view)))
+                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(derived_seed(noise_seed(settings), int(i), view)))
                 for view in (0, 1) for i in indices
             ]).to(mean.device)
             z = mean.float() + torch.exp(0.5 * logvar.float()) * noise
@@ -183,7 +189,9 @@ def store_attributes(tok_info: dict[str, Any], source: Any, data_cfg: Any, laten
         "num_classes": int(source.num_classes),
         "preprocessing": f"ADM center crop to {size}x{size}, RGB, [-1, 1]; latents_flip encodes the horizontal mirror; "
                          f"{encoding}; {'bf16 autocast' if settings.autocast else 'fp32'}",
-        "extraction": {**asdict(settings), "shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
+        # noise_seed only when given, so the record of a store made before it existed still matches on resume.
+        "extraction": {**{k: v for k, v in asdict(settings).items() if k != "noise_seed" or v is not None},
+                       "shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
         "features": features,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -370,6 +378,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-mean", action="store_true", help="statistics without a mean: z / std (RAE)")
     p.add_argument("--sample-posterior", action="store_true", help="store posterior samples (official VA-VAE recipe)")
     p.add_argument("--seed", type=int, default=0, help="row permutation and posterior samples")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed of the posterior samples (default: --seed); the sampled groups of a composite latent "
+                        "(SFD's texture and semantic stores) share --seed and need different noise seeds")
     p.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes per rank (default: min(4, cores))")
     p.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: < 64 MiB, at most 4096)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while encoding (default fp32)")
@@ -388,7 +399,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     settings = ExtractSettings(
         batch_size=args.batch_size, dtype=args.dtype, stats=args.stats, center=not args.no_mean,
-        sample_posterior=args.sample_posterior, seed=args.seed, shard_rows=args.shard_size, autocast=args.bf16,
+        sample_posterior=args.sample_posterior, seed=args.seed, noise_seed=args.noise_seed, shard_rows=args.shard_size, autocast=args.bf16,
     )
     if (args.features_weights or args.features_random_init) and not args.features:
         raise cli.UsageError("--features-weights and --features-random-init need --features ENCODER")

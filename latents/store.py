@@ -420,6 +420,13 @@ def check_aligned(a: LatentStore, b: LatentStore) -> None:
         raise MismatchError(f"latent stores {a.url} and {b.url} cannot be joined along channels: they do not hold the "
                             f"same images in the same row order ({'; '.join(what)}); extract both from one --data "
                             "with one --seed")
+    ea, eb = a.attrs.get("extraction") or {}, b.attrs.get("extraction") or {}
+    noise = [e.get("noise_seed", e.get("seed")) for e in (ea, eb)]
+    if ea.get("sample_posterior") and eb.get("sample_posterior") and noise[0] == noise[1]:
+        # The draws are seeded by (noise seed, row, view): equal seeds would give both groups the same noise.
+        raise MismatchError(f"latent stores {a.url} and {b.url} hold posterior samples drawn with the same noise seed "
+                            f"({noise[0]}), so their noises are one draw, not independent; extract one of them again "
+                            "with another --noise-seed")
 
 
 def check_made_by(tok_info: dict[str, Any], spec: str, store: LatentStore) -> None:

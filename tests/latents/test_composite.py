@@ -36,13 +36,14 @@ class FeatureDecoder(TinyTokenizer):
 
 
 def make(root: Path, name: str, tok: TinyTokenizer, num_images: int = N, size: int = SIZE, seed: int = 0,
-         features: bool = False) -> tuple[str, str]:
+         features: bool = False, noise_seed: int | None = None) -> tuple[str, str]:
     """(store url, tokenizer folder): `tok` saved and run over the synthetic images by the real extraction."""
     tok.eval().save_pretrained(root / f"{name}_tok")
     cfg = load_data_config("synthetic", [f"data.num_images={num_images}", f"data.image_size={size}"])
     encoder = build_feature_encoder("dinov2_b", random_init=True, image_size=size) if features else None
     store = extract(tok, describe(tok), build_source(cfg), cfg, str(root / f"{name}.zarr"),
-                    ExtractSettings(batch_size=8, shard_rows=8, seed=seed, sample_posterior=True), features=encoder)
+                    ExtractSettings(batch_size=8, shard_rows=8, seed=seed, sample_posterior=True,
+                                    noise_seed=noise_seed), features=encoder)
     return store.url, str(root / f"{name}_tok")
 
 
@@ -53,12 +54,13 @@ def made(tmp_path_factory) -> dict[str, tuple[str, str]]:
     root = tmp_path_factory.mktemp("composite")
     return {
         "tex": make(root, "tex", TinyTokenizer(4, 8, seed=0)),
-        "sem": make(root, "sem", TinyTokenizer(2, 8, seed=1), features=True),
+        "sem": make(root, "sem", TinyTokenizer(2, 8, seed=1), features=True, noise_seed=1),
+        "same_noise": make(root, "same_noise", TinyTokenizer(2, 8, seed=1)),  # the texture's noise seed
         "reseeded": make(root, "reseeded", TinyTokenizer(2, 8, seed=1), seed=5),  # another row order
-        "fewer": make(root, "fewer", TinyTokenizer(2, 8, seed=1), num_images=16),
-        "bigger": make(root, "bigger", TinyTokenizer(2, 16, seed=1), size=64),  # 64 px: the same 4x4 grid
-        "finer": make(root, "finer", TinyTokenizer(2, 4, seed=1)),  # an 8x8 grid
-        "features": make(root, "features", FeatureDecoder(4, 8, seed=2)),
+        "fewer": make(root, "fewer", TinyTokenizer(2, 8, seed=1), num_images=16, noise_seed=1),
+        "bigger": make(root, "bigger", TinyTokenizer(2, 16, seed=1), size=64, noise_seed=1),  # 64 px: the same 4x4 grid
+        "finer": make(root, "finer", TinyTokenizer(2, 4, seed=1), noise_seed=1),  # an 8x8 grid
+        "features": make(root, "features", FeatureDecoder(4, 8, seed=2), noise_seed=2),
     }
 
 
@@ -253,7 +255,8 @@ def test_the_sfd_pair_a_vavae_texture_and_a_semvae_semantic_group(tmp_path, vava
     for name, tok in (("texture", vavae_folder), ("semantic", tmp_path / "semvae")):
         urls[name] = str(tmp_path / f"{name}.zarr")
         main(["--tokenizer", str(tok), "--data", "synthetic", "--out", urls[name], "--sample-posterior", "--workers", "0",
-              "--batch-size", "8", f"data.num_images={N}", f"data.image_size={SIZE}"])
+              "--batch-size", "8", f"data.num_images={N}", f"data.image_size={SIZE}"]
+             + (["--noise-seed", "1"] if name == "semantic" else []))
     sfd = {"groups": [{"name": "texture", "stores": [urls["texture"]], "tokenizer": str(vavae_folder)},
                       {"name": "semantic", "stores": [urls["semantic"]], "tokenizer": str(tmp_path / "semvae")}]}
     info = latent_info(sfd)
@@ -264,3 +267,10 @@ def test_the_sfd_pair_a_vavae_texture_and_a_semvae_semantic_group(tmp_path, vava
     assert expected.shape == (BATCH, 3, SIZE, SIZE) and torch.equal(decode_latents(sfd, x), expected)
     with pytest.raises(MismatchError, match="made by semvae, which decodes to features, not images"):
         latent_info({"groups": sfd["groups"][::-1]})
+
+
+def test_groups_of_posterior_samples_drawn_with_one_noise_seed_are_refused(made):
+    """(seed, row, view) seed each draw: with one noise seed two sampled groups would share their noise."""
+    with pytest.raises(MismatchError, match="same noise seed \\(0\\).*--noise-seed"):
+        latent_info(composite(made, "tex", "same_noise"))
+    latent_info(composite(made, "tex", "sem"))  # --noise-seed 1: independent draws
