@@ -18,17 +18,17 @@ SFD's own. A semantic-first LightningDiT (``semantic_chans``, ``semfirst_delta_t
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from core.errors import UserError
+from core.errors import MismatchError, UserError
 from generators import sampling
 
 __all__ = ["is_semantic_first", "times", "channel_times", "channel_weights", "tau_velocity", "guided_velocity", "sample",
-           "METHODS"]
+           "check_groups", "METHODS"]
 
 METHODS = ("euler", "heun", "heun2", "dopri5")
 Velocity2 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t [B, 2]) -> v
@@ -145,8 +145,9 @@ def sample(velocity: Velocity2, z: torch.Tensor, delta: float, tex_chans: int, s
     return out
 
 
-def check_groups(model: nn.Module, groups: Sequence[tuple[str, int]] | None) -> None:
-    """A semantic-first model's semantic channels must be the latent source's last group, when it names groups."""
-    if groups and is_semantic_first(model) and groups[-1][1] != model.semantic_chans:
-        raise UserError(f"model.options.semantic_chans={model.semantic_chans}, but the latent source's last channel "
-                        f"group ({groups[-1][0]}) has {groups[-1][1]} channels")
+def check_groups(model: nn.Module, groups: Sequence[Any]) -> None:
+    """A semantic-first model's semantic channels must be the last group of a composite latent source
+    (latents.dataset.ChannelGroup: name, channels); a single group may be split as the model says."""
+    if len(groups) > 1 and is_semantic_first(model) and groups[-1].channels != model.semantic_chans:
+        raise MismatchError(f"model.options.semantic_chans={model.semantic_chans}, but the latent source's last "
+                            f"channel group ('{groups[-1].name}') has {groups[-1].channels} channels")

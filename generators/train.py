@@ -27,7 +27,7 @@ from core.ema import EMA
 from core.log import get_logger
 from core.runtime import RunFolder, make_accelerator, progress, seed_everything, step_generators
 from core.optim import build_optimizer
-from generators import flow
+from generators import flow, sfd
 from generators.objective import Objective
 from generators.registry import build_generator
 from generators.sample import generator_config, load_guide, sample_latents
@@ -134,6 +134,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     check_against_data(cfg.model, info.latent_shape, info.num_classes, cfg.latent)
     with torch.device("meta"):
         objective = Objective(build_generator(cfg.model), cfg)
+    sfd.check_groups(objective.model, info.channel_groups)
     features = repa_features(objective, cfg)
     if features is not None:
         info = latent_info(latent_cfg, features=features)

@@ -343,3 +343,34 @@ def test_official_sfd_checkpoints_sample_with_the_b1_guide_as_the_release(latent
     record = json.loads(out.with_name("s.npz.json").read_text())
     assert record["sample"]["method"] == "dopri5" and record["guide"]["sha256"]
     assert np.load(out)["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_sfd_trains_on_a_composite_texture_and_semantic_latent(tmp_path):
+    """[VA-VAE 8 | SemVAE 16] x 2 x 2 at 32 px, both tiny and random, through the commands: the semantic-first model
+    trains on the joined store, and one whose semantic channels are not the last group's stops before any work."""
+    from tokenizers.semvae import SemVAE
+    from tokenizers.vavae import VAVAE
+
+    torch.manual_seed(0)
+    VAVAE(block_out_channels=(8, 8, 8, 16, 16), layers_per_block=1, latent_channels=8,
+          norm_num_groups=8).save_pretrained(tmp_path / "tex")
+    SemVAE(**SemVAE.tiny_config("", 32)).save_pretrained(tmp_path / "sem")
+    for name, noise in (("tex", "0"), ("sem", "1")):
+        extract_main(["--tokenizer", str(tmp_path / name), "--data", "synthetic", "--out", str(tmp_path / f"{name}.zarr"),
+                      "--sample-posterior", "--noise-seed", noise, "--workers", "0", "data.num_images=16",
+                      "data.image_size=32"])
+    (tmp_path / "sfd.yaml").write_text(
+        f"groups:\n  - {{name: texture, stores: [{tmp_path / 'tex.zarr'}], tokenizer: {tmp_path / 'tex'}}}\n"
+        f"  - {{name: semantic, stores: [{tmp_path / 'sem.zarr'}], tokenizer: {tmp_path / 'sem'}}}\n"
+        "generator: sfd_b1\n")
+    args = ["--latent", str(tmp_path / "sfd.yaml"), "model.input_size=2", "model.in_channels=24", "model.num_classes=10",
+            "model.repa_depth=null", "train.global_batch=4", "train.steps=3", "train.ckpt_every=3", "train.log_every=1",
+            "train.sample_every=1000", "sample.steps=3", "sample.method=euler"]
+    options = "model.options={{hidden_size: 32, depth: 2, num_heads: 2, use_qknorm: true, semantic_chans: {}, semfirst_delta_t: 0.3}}"
+    cfg, latent_cfg = gtrain.parse([*args, f"run.dir={tmp_path / 'bad'}", options.format(8)])
+    with pytest.raises(Exception, match="semantic_chans=8.*'semantic'.*16 channels"):
+        gtrain.train(cfg, latent_cfg)
+    assert not (tmp_path / "bad").exists()
+    cfg, latent_cfg = gtrain.parse([*args, f"run.dir={tmp_path / 'r'}", options.format(16)])
+    out = gtrain.train(cfg, latent_cfg)
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3
