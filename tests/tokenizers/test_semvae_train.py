@@ -194,3 +194,9 @@ def test_the_command_line_lists_semvae_and_stops_on_a_bad_setting_before_any_wor
     with pytest.raises(ConfigError, match="multiple of 16"):
         trainer.main(["semvae", "data.image_size=40", f"run.dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_preset_is_a_tiny_run_on_random_encoder_weights():
+    cfg = compose("tokenizer", "semvae", "demo")
+    assert cfg.model.random_init and cfg.model.hidden_dim == 128 and cfg.train.steps == 300
+    assert cfg.optim.warmup_steps + cfg.optim.constant_steps < cfg.train.steps  # the cosine is reached
