@@ -30,10 +30,10 @@ demo: install
 	$(PY) -m tokenizers.train vavae preset=demo
 	$(PY) -m latents.extract --tokenizer $(DEMO)/vavae/tokenizer --data synthetic --out $(DEMO)/latents.zarr
 	$(PY) -m generators.train --latent demo preset=demo
-	$(PY) -m generators.sample --run $(DEMO)/generator --num 400 --out $(DEMO)/samples_guided.npz
-	$(PY) -m generators.sample --run $(DEMO)/generator --num 400 --out $(DEMO)/samples_unguided.npz sample.cfg_scale=1.0
-	$(PY) -m generators.sample --run $(DEMO)/generator --num 400 --out $(DEMO)/samples_ig.npz sample.cfg_scale=1.0 sample.ig_scale=1.7
-	$(PY) -m generators.sample --run $(DEMO)/generator --num 400 --out $(DEMO)/samples_ig_guided.npz sample.ig_scale=1.4
+	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_guided.npz
+	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_unguided.npz sample.cfg_scale=1.0
+	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_ig.npz sample.cfg_scale=1.0 sample.ig_scale=1.7
+	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_ig_guided.npz sample.ig_scale=1.4
 	$(PY) -m eval.demo_report --tokenizer-run $(DEMO)/vavae --generator-run $(DEMO)/generator \
 		--guided $(DEMO)/samples_guided.npz --unguided $(DEMO)/samples_unguided.npz \
 		--ig $(DEMO)/samples_ig.npz --ig-guided $(DEMO)/samples_ig_guided.npz --out $(DEMO)/report.html
