@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import time
 import importlib.util
 import json
 import os
@@ -218,6 +219,18 @@ class RunFolder:
         self.acc.wait_for_everyone()
         return final
 
+    def resume(self, ema: Any | None) -> int:
+        """Load the latest checkpoint, if any (model, optimizers and RNG through accelerate, and `ema`'s weights):
+        the step to continue from, 0 for a new run."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return 0
+        state, ema_state = self.load_training_state(latest)
+        if ema is not None:
+            ema.load_state_dict(ema_state)
+        log.info("resumed from %s at step %d", latest, state["step"])
+        return int(state["step"])
+
     def load_training_state(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         self.acc.load_state(str(folder))
         state = json.loads((folder / "trainer_state.json").read_text())
@@ -241,6 +254,32 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True)
+
+
+class StepMeans:
+    """A training loop's step logs averaged between two reports; the sums stay on the device until reported."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.tick = 0, time.time()
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+
+    def report(self) -> dict[str, float]:
+        """The means since the last report and `sec_per_step`; starts the next interval."""
+        now = time.time()
+        means = {k: v.item() / self.count for k, v in self.sums.items()}
+        means["sec_per_step"] = (now - self.tick) / self.count
+        self.sums, self.count, self.tick = {}, 0, now
+        return means
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (log, sample, checkpoint) runs after `step`: every `every` steps and at the last."""
+    return step % every == 0 or step == last
 
 
 def fused_adam_kwargs() -> dict[str, Any]:

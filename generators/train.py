@@ -154,13 +154,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     ema.model.to(acc.device)
     opt = build_optimizer(model, cfg.train)
     model, opt = acc.prepare(model, opt)
-    step = 0
-    last = run.latest_checkpoint()
-    if last is not None:
-        state, ema_state = run.load_training_state(last)
-        ema.load_state_dict(ema_state)
-        step = state["step"]
-        log.info("resumed from %s at step %d", last, step)
+    step = run.resume(ema)
     run.track(cfg, step)
     forward = torch.compile(model) if cfg.train.compile else model
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +41,7 @@ from core.ema import EMA
 from core.errors import MismatchError, UserError
 from core.images import build_source, iterate_images
 from core.log import get_logger
-from core.runtime import (RunFolder, fused_adam_kwargs, latest_checkpoint, make_accelerator, progress,
+from core.runtime import (RunFolder, StepMeans, due, fused_adam_kwargs, latest_checkpoint, make_accelerator, progress,
                           seed_everything, step_generators)
 from tokenizers.encoders import ENCODERS
 from tokenizers.losses import kl_loss
@@ -261,14 +260,7 @@ def train(cfg: DictConfig) -> Path:
     raw: SemanticVAE = acc.unwrap_model(model)
     ema = EMA(raw, cfg.ema.decay) if cfg.ema.enabled else None
 
-    step = 0
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        state, ema_state = run.load_training_state(latest)
-        step = state["step"]
-        if ema is not None:
-            ema.load_state_dict(ema_state)
-        log.info("resumed from %s (step %d)", latest, step)
+    step = run.resume(ema)
     run.track(cfg, step)
 
     fixed = sample_features(cfg, data, tokenizer, acc.device)
@@ -280,8 +272,7 @@ def train(cfg: DictConfig) -> Path:
         evaluation(run, acc, raw, ema, fixed, step)
 
     bar = progress(total=cfg.train.steps, initial=step, desc="train semvae", enabled=acc.is_main_process)
-    sums: dict[str, torch.Tensor] = {}
-    count, tick = 0, time.time()
+    means = StepMeans()
     feats_iter = feature_batches(cfg, data, tokenizer, step, acc.process_index, acc.num_processes, acc.device) \
         if step < cfg.train.steps else iter(())
     for feats in feats_iter:
@@ -289,19 +280,15 @@ def train(cfg: DictConfig) -> Path:
         step += 1
         if ema is not None:
             ema.update(raw)
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        count += 1
+        means.add(logs)
         bar.update(1)
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            means = {k: v.item() / count for k, v in sums.items()}
-            now = time.time()
-            run.log(step=step, **means, sec_per_step=(now - tick) / count)
-            bar.set_postfix(loss=f"{means['loss']:.4g}", cos=f"{means['cos']:.4f}")
-            sums, count, tick = {}, 0, now
-        if step % cfg.log.sample_every == 0 or step == cfg.train.steps:
+        if due(step, cfg.log.every, cfg.train.steps):
+            logged = means.report()
+            run.log(step=step, **logged)
+            bar.set_postfix(loss=f"{logged['loss']:.4g}", cos=f"{logged['cos']:.4f}")
+        if due(step, cfg.log.sample_every, cfg.train.steps):
             evaluation(run, acc, raw, ema, fixed, step)
-        if step % cfg.log.checkpoint_every == 0 or step == cfg.train.steps:
+        if due(step, cfg.log.checkpoint_every, cfg.train.steps):
             run.save_training_state(step, ema.state_dict() if ema else None, keep=cfg.log.keep_checkpoints)
         if step >= cfg.train.steps:
             break

@@ -26,7 +26,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; set before timm/huggingface_hub load
 
 import difflib
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +41,8 @@ from core.config import ConfigError, compose, split_cli
 from core.ema import EMA
 from core.images import collate_items, iterate_images, Skipping
 from core.log import get_logger
-from core.runtime import RunFolder, latest_checkpoint, make_accelerator, progress, seed_everything, step_generators
+from core.runtime import (RunFolder, StepMeans, due, latest_checkpoint, make_accelerator, progress, seed_everything,
+                          step_generators)
 from tokenizers import vavae_train  # noqa: F401  (registers vavae; imported first, so listed first)
 from tokenizers import rae_train  # noqa: F401  (registers rae)
 from tokenizers import semvae_train  # noqa: F401  (registers semvae)
@@ -161,14 +161,7 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     ema = EMA(family.ema_source(raw), cfg.ema.decay) if cfg.ema.enabled else None
     ema_tokenizer = family.as_tokenizer(ema.model) if ema is not None else None
 
-    step = 0
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        state, ema_state = run.load_training_state(latest)
-        step = state["step"]
-        if ema is not None:
-            ema.load_state_dict(ema_state)
-        log.info("resumed from %s (step %d)", latest, step)
+    step = run.resume(ema)
     run.track(cfg, step)
 
     sample_images = family.view(next(iterate_images(source, cfg.log.sample_images)).images, None).to(acc.device)
@@ -181,8 +174,7 @@ def train(family_name: str, cfg: DictConfig) -> Path:
         sample(run, acc, raw.tokenizer, ema_tokenizer, sample_images, step)
 
     bar = progress(total=cfg.train.steps, initial=step, desc=f"train {family_name}", enabled=acc.is_main_process)
-    sums: dict[str, torch.Tensor] = {}  # on the device: read back only when logged
-    count, tick = 0, time.time()
+    means = StepMeans()
     data = batches(source, cfg, step, acc.process_index, acc.num_processes) if step < cfg.train.steps else iter(())
     for images in data:
         logs = train_step(acc, cfg, family, (model, raw, opt_g), (disc, raw_disc, opt_d, d_params),
@@ -190,20 +182,16 @@ def train(family_name: str, cfg: DictConfig) -> Path:
         step += 1
         if ema is not None:
             ema.update(family.ema_source(raw))
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        count += 1
+        means.add(logs)
         bar.update(1)
 
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            means = {k: v.item() / count for k, v in sums.items()}
-            now = time.time()
-            run.log(step=step, **means, sec_per_step=(now - tick) / count)
-            bar.set_postfix(l1=f"{means['l1']:.4f}", nll=f"{means['nll']:.4g}")
-            sums, count, tick = {}, 0, now
-        if step % cfg.log.sample_every == 0 or step == cfg.train.steps:
+        if due(step, cfg.log.every, cfg.train.steps):
+            logged = means.report()
+            run.log(step=step, **logged)
+            bar.set_postfix(l1=f"{logged['l1']:.4f}", nll=f"{logged['nll']:.4g}")
+        if due(step, cfg.log.sample_every, cfg.train.steps):
             sample(run, acc, raw.tokenizer, ema_tokenizer, sample_images, step)
-        if step % cfg.log.checkpoint_every == 0 or step == cfg.train.steps:
+        if due(step, cfg.log.checkpoint_every, cfg.train.steps):
             run.save_training_state(step, ema.state_dict() if ema else None, keep=cfg.log.keep_checkpoints)
         if step >= cfg.train.steps:
             break
