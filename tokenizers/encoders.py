@@ -74,7 +74,7 @@ class FrozenEncoder(torch.nn.Module):
     def __init__(
         self, model: torch.nn.Module, spec: EncoderSpec, image_size: int, normalize: bool, resize_mode: str,
         normalize_first: bool = False, input_size: int | None = None, name: str = "",
-        weights_file: Path | None = None, random_init: bool = False,
+        weights_file: Path | None = None, random_init: bool = False, depth: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -90,6 +90,7 @@ class FrozenEncoder(torch.nn.Module):
         self.input_size = input_size  # when set, the only side of image taken (the resize target depends on it)
         self.resize_mode = resize_mode
         self.weights_file, self.random_init = weights_file, random_init  # provenance (`provenance()`)
+        self.depth = depth  # None: every block
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -126,6 +127,7 @@ class FrozenEncoder(torch.nn.Module):
         return {
             "encoder": self.name, "timm_name": self.timm_name, "input_size": self.input_size, "image_size": self.image_size,
             "grid": self.grid, "tokens": self.grid**2, "dim": self.feature_dim, "random_init": self.random_init,
+            "depth": self.depth,
             "weights_file": None if self.weights_file is None else str(self.weights_file),
             "weights_sha256": None if self.weights_file is None else sha256_file(self.weights_file),
         }
@@ -180,43 +182,51 @@ def build_encoder(
                          random_init=random_init)
 
 
-def feature_input_size(name: str, image_size: int) -> int:
-    """Side REPA feeds encoder `name` for images of `image_size` px: 224 * size / 256 for the patch-14 DINOv2
-    encoders (224 at 256 px, 448 at 512), the image size itself for patch-16 ones (MAE, DINOv3, SigLIP)."""
+def feature_input_size(name: str, image_size: int, cell: int = 16) -> int:
+    """Side REPA feeds encoder `name` for images of `image_size` px so that each token covers `cell` image pixels:
+    with REPA's cell of 16, 224 * size / 256 for the patch-14 DINOv2 encoders (224 at 256 px, 448 at 512) and the
+    image size itself for patch-16 ones (MAE, DINOv3, SigLIP). A smaller cell feeds a larger image (a finer grid)."""
     spec = _spec(name)
-    side = image_size * 224 / 256 if spec.patch_size == 14 else image_size
+    side = image_size * spec.patch_size / cell
     if side != int(side) or int(side) % spec.patch_size:
-        raise UserError(f"REPA features of {name}: {image_size} px images would feed it {side:g} px, not a multiple of "
-                        f"its patch size {spec.patch_size}; use an image size that is a multiple of 16")
+        raise UserError(f"features of {name}: {image_size} px images would feed it {side:g} px, not a multiple of "
+                        f"its patch size {spec.patch_size}; use an image size that is a multiple of {cell}")
     return int(side)
 
 
-def feature_shape(name: str, image_size: int) -> tuple[int, int]:
-    """(tokens, dim) of `build_feature_encoder(name, image_size=image_size)`, without building it."""
-    grid = feature_input_size(name, image_size) // ENCODERS[name].patch_size
+def feature_shape(name: str, image_size: int, cell: int = 16) -> tuple[int, int]:
+    """(tokens, dim) of `build_feature_encoder(name, image_size=image_size, cell=cell)`, without building it."""
+    grid = feature_input_size(name, image_size, cell) // ENCODERS[name].patch_size
     return grid * grid, ENCODERS[name].feature_dim
 
 
 def build_feature_encoder(
-    name: str, weights: str | Path | None = None, random_init: bool = False, image_size: int = 256
+    name: str, weights: str | Path | None = None, random_init: bool = False, image_size: int = 256, cell: int = 16,
+    depth: int | None = None,
 ) -> FrozenEncoder:
     """REPA's target encoder (sihyun-yu/REPA): images of `image_size` px in [-1, 1] -> final-norm patch tokens
-    `[B, tokens, dim]`, class and register tokens dropped (`feature_shape`).
+    `[B, tokens, dim]`, class and register tokens dropped (`feature_shape`), a token per `cell` x `cell` pixels.
 
     As the official code: [0, 1], ImageNet (the encoder's) mean/std, THEN bicubic resize to
     `feature_input_size` (bicubic weights sum to one, so the order changes only rounding). The position table
     is resampled once at load to the token grid (timm's resample_abs_pos_embed when the model is created at
     that img_size), not at every forward, so only images of `image_size` px are taken.
     `random_init`: seeded random weights (FEATURE_RANDOM_SEED), the same in every process, for tests and demos.
+    `depth`: keep only the first `depth` blocks (then the final norm): a cheap random encoder for CPU demos.
     """
     spec = _spec(name)
-    side = feature_input_size(name, image_size)
+    side = feature_input_size(name, image_size, cell)
     # The caller's random stream is left as it was: building a model draws from it, pretrained or not.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FEATURE_RANDOM_SEED)
         model, file = _create_model(name, spec, weights, random_init, img_size=side, dynamic_img_size=False)
+    if depth is not None:
+        if not 1 <= depth <= len(model.blocks):
+            raise UserError(f"encoder {name} has {len(model.blocks)} blocks; depth {depth} is out of range")
+        model.blocks = model.blocks[:depth]
+        log.warning("encoder %s cut to its first %d of its blocks", name, depth)
     return FrozenEncoder(model, spec, side, normalize=True, resize_mode="bicubic", normalize_first=True,
-                         input_size=image_size, name=name, weights_file=file, random_init=random_init)
+                         input_size=image_size, name=name, weights_file=file, random_init=random_init, depth=depth)
 
 
 def _weights_file(name: str, timm_name: str, weights: str | Path | None) -> Path:

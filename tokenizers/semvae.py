@@ -40,7 +40,7 @@ from tokenizers.base import Tokenizer, register
 from tokenizers.encoders import FrozenEncoder, build_feature_encoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
-PATCH = 16  # image pixels per latent position, each side (DINOv2's 14 px patches of the 224 px resize)
+PATCH = 16  # image pixels per latent position, each side, as released (DINOv2's 14 px patches of the 224 px resize)
 RELEASE = "semantic_vae/dinov2_vitb14_reg/transformer_ch16"  # HF SFD-Project/SFD, .../checkpoints/semantic_ae_final.pt
 
 
@@ -116,24 +116,28 @@ class SemVAE(Tokenizer):
     ``encoder`` names the frozen feature encoder (tokenizers.encoders; the release: ``dinov2_b_reg``),
     ``encoder_weights`` its weights file (None: the Hugging Face cache), ``random_init`` seeded random weights
     (tests, demos). Its weights are never saved: they come from the file or the seed again.
+    ``cell``: image pixels per latent position (the release's 16; 8 feeds DINOv2 twice the side, so that a
+    64 px image gives the 8 x 8 grid of an f8 texture latent); ``encoder_depth``: the encoder's first blocks only
+    (a cheap random encoder for CPU demos; None: all of it).
     """
 
-    downsample = PATCH
     decodes_to = "features"
     releases = {"": (RELEASE,)}
 
     def __init__(self, encoder: str = "dinov2_b_reg", image_size: int = 256, hidden_dim: int = 768, depth: int = 4,
                  num_heads: int = 6, mlp_ratio: float = 4.0, latent_channels: int = 16,
-                 encoder_weights: str | None = None, random_init: bool = False):
+                 encoder_weights: str | None = None, random_init: bool = False, cell: int = PATCH,
+                 encoder_depth: int | None = None):
         super().__init__()
-        if image_size % PATCH:
-            raise UserError(f"SemVAE image size must be a multiple of {PATCH}, got {image_size}")
+        if image_size % cell:
+            raise UserError(f"SemVAE image size must be a multiple of its cell {cell}, got {image_size}")
         self.config = dict(encoder=encoder, image_size=image_size, hidden_dim=hidden_dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio, latent_channels=latent_channels,
                            encoder_weights=None if encoder_weights is None else str(encoder_weights),
-                           random_init=random_init)
-        self.image_size = image_size
-        self.feature_encoder: FrozenEncoder = build_feature_encoder(encoder, encoder_weights, random_init, image_size)
+                           random_init=random_init, cell=cell, encoder_depth=encoder_depth)
+        self.image_size, self.downsample = image_size, cell
+        self.feature_encoder: FrozenEncoder = build_feature_encoder(encoder, encoder_weights, random_init, image_size,
+                                                                    cell, encoder_depth)
         self.vae = SemanticVAE(self.feature_encoder.feature_dim, hidden_dim, depth, num_heads, mlp_ratio,
                                latent_channels)
 
@@ -144,7 +148,7 @@ class SemVAE(Tokenizer):
     @property
     def feature_shape(self) -> tuple[int, int]:
         """(tokens, dim) of ``decode``'s output and ``encode_features``' input."""
-        return (self.image_size // PATCH) ** 2, self.vae.feature_dim
+        return (self.image_size // self.downsample) ** 2, self.vae.feature_dim
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -199,8 +199,12 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.encoder not in ENCODERS:
         raise ConfigError(f"model.encoder: unknown encoder {cfg.model.encoder!r}; known: {', '.join(sorted(ENCODERS))} "
                           "(the release: dinov2_b_reg)")
-    if cfg.data.image_size % PATCH:
-        raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of {PATCH} (one latent cell per 16 px)")
+    if cfg.data.image_size % cfg.model.cell:
+        raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of model.cell {cfg.model.cell} (one "
+                          "latent position per cell)")
+    if cfg.features.store and (cfg.model.cell != PATCH or cfg.model.encoder_depth is not None):
+        raise ConfigError(f"features.store holds REPA features (a token per {PATCH} px of the whole encoder); "
+                          f"model.cell={cfg.model.cell} and model.encoder_depth={cfg.model.encoder_depth} need images")
     if cfg.loss.cos_dim not in COS_DIMS:
         raise ConfigError(f"loss.cos_dim: unknown {cfg.loss.cos_dim!r}; choose from {', '.join(COS_DIMS)}")
     if cfg.train.steps < 1 or cfg.train.batch_size < 1:
@@ -217,7 +221,7 @@ class SemVAEFamily(Family):
         m = cfg.model
         try:
             self.tokenizer = SemVAE(m.encoder, cfg.data.image_size, m.hidden_dim, m.depth, m.num_heads, m.mlp_ratio,
-                                    m.latent_channels, m.encoder_weights, m.random_init)
+                                    m.latent_channels, m.encoder_weights, m.random_init, m.cell, m.encoder_depth)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} [in this config: model.encoder_weights=<file>, or model.random_init=true]") from e
         self.model = self.tokenizer.vae

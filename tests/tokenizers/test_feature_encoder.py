@@ -18,6 +18,7 @@ STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 def test_repa_feeds_dinov2_224_per_256_px_and_patch16_encoders_the_image_size():
     assert feature_input_size("dinov2_b", 256) == 224 and feature_input_size("dinov2_b_reg", 512) == 448
     assert feature_input_size("mae_b", 256) == 256 and feature_input_size("siglip2_b", 256) == 256
+    assert feature_input_size("dinov2_b", 64, cell=8) == 112 and feature_shape("dinov2_b_reg", 64, cell=8) == (64, 768)
     assert feature_shape("dinov2_b", 256) == (256, 768) and feature_shape("dinov2_l", 512) == (1024, 1024)
     assert feature_shape("dinov2_b", 32) == (4, 768)  # 28 px: a 2x2 grid, what the tests use
     with pytest.raises(UserError, match="40 px images would feed it 35 px"):
@@ -91,7 +92,7 @@ def test_random_weights_are_seeded_and_leave_the_callers_random_stream_alone(din
         assert torch.equal(a, b), k
     p = again.provenance()
     assert p == {"encoder": "dinov2_b", "timm_name": "vit_base_patch14_dinov2.lvd142m", "input_size": 32, "image_size": 28,
-                 "grid": 2, "tokens": 4, "dim": 768, "random_init": True, "weights_file": None, "weights_sha256": None}
+                 "grid": 2, "tokens": 4, "dim": 768, "random_init": True, "depth": None, "weights_file": None, "weights_sha256": None}
 
 
 def test_missing_weights_name_the_file(tmp_path, monkeypatch):

@@ -73,6 +73,23 @@ def test_encode_gives_latents_and_decode_gives_features(small_encoders):
     assert out.shape == (3, 4, 64) and torch.equal(out, tok.decode_features(z))
 
 
+def test_a_finer_cell_and_a_cut_encoder_give_the_grid_of_an_f8_texture_latent(tmp_path):
+    """The SFD demo's SemVAE: 64 px images, a token per 8 px (DINOv2 fed 112 px: 8 x 8), one encoder block."""
+    tok = tiny(image_size=64, cell=8, encoder_depth=1)
+    enc = tok.feature_encoder
+    assert enc.image_size == 112 and len(enc.model.blocks) == 1 and enc.provenance()["depth"] == 1
+    assert tok.latent_shape(64) == (16, 8, 8) and tok.feature_shape == (64, 768)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert tok.encode(images).shape == (2, 16, 8, 8)
+    tok.save_pretrained(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")  # the cell and the cut come back with the folder
+    assert again.latent_shape(64) == (16, 8, 8) and torch.equal(again.encode(images), tok.encode(images))
+    with pytest.raises(UserError, match="multiple of its cell 8"):
+        tiny(image_size=60, cell=8)
+    with pytest.raises(UserError, match="has 12 blocks; depth 13"):
+        tiny(image_size=64, encoder_depth=13)
+
+
 def test_sampling_draws_around_the_mean_and_is_reproducible(small_encoders):
     tok = tiny()
     feats = torch.randn(2, 4, 64)
@@ -131,7 +148,7 @@ def test_bad_inputs_are_named(small_encoders):
         tok.decode(torch.randn(1, 8, 2, 2))
     with pytest.raises(UserError, match=r"images \[B, 3, 32, 32\]"):
         tok.encode(torch.randn(1, 3, 64, 64))
-    with pytest.raises(UserError, match="multiple of 16"):
+    with pytest.raises(UserError, match="multiple of its cell 16"):
         SemVAE(image_size=40, random_init=True)
 
 

@@ -191,12 +191,15 @@ def test_the_command_line_lists_semvae_and_stops_on_a_bad_setting_before_any_wor
     assert "semvae: SemVAE (SFD's semantic VAE)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="loss.cos_dim: unknown 'channels'"):
         trainer.main(["semvae", "loss.cos_dim=channels", f"run.dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match="multiple of 16"):
+    with pytest.raises(ConfigError, match="not a multiple of model.cell 16"):
         trainer.main(["semvae", "data.image_size=40", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="model.cell=8 and model.encoder_depth=None need images"):
+        trainer.main(["semvae", "model.cell=8", f"features.store={tmp_path / 's.zarr'}", f"run.dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()
 
 
 def test_the_demo_preset_is_a_tiny_run_on_random_encoder_weights():
     cfg = compose("tokenizer", "semvae", "demo")
-    assert cfg.model.random_init and cfg.model.hidden_dim == 128 and cfg.train.steps == 300
+    assert cfg.model.random_init and cfg.model.hidden_dim == 128 and cfg.train.steps == 200
+    assert cfg.model.cell == 8 and cfg.model.encoder_depth == 1  # the 8x8 grid of the demo's f8 VA-VAE at 64 px
     assert cfg.optim.warmup_steps + cfg.optim.constant_steps < cfg.train.steps  # the cosine is reached
