@@ -130,10 +130,11 @@ def compose(
     stage: folder under configs/ holding ``base.yaml`` and the family files.
     """
     cfg = load_yaml(CONFIG_DIR / stage / "base.yaml")
+    free = open_paths(cfg)  # free-form in base (model.options) stays so after a family file or preset fills it
     if family is not None:
         # A family file may add its own keys (its model's options); later layers may not.
         cfg = OmegaConf.merge(cfg, named_config(stage, family))
-    free = open_paths(cfg)  # stays free-form after a preset fills it
+        free += [p for p in open_paths(cfg) if p not in free]
     pairs = parse_overrides(overrides)
 
     # Group selection first, so `data=imagenet data.root=/x` works in either order.

@@ -77,7 +77,12 @@ def build_generator(model_cfg: Any) -> nn.Module:
                                 cfg.pop("ig_depth", None))
     if clash := sorted(set(aids) & set(options)):
         raise UserError(f"model.options sets {clash}, which model.repa_depth/ig_depth also set; keep one")
-    return GENERATORS[family].build(size, **cfg, **aids, **options)
+    try:
+        return GENERATORS[family].build(size, **cfg, **aids, **options)
+    except TypeError as e:  # a mistyped key of the free-form model.options
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UserError(f"model.options: {family} {e.args[0].split('() ', 1)[-1]}") from e
 
 
 def training_aid_options(family: GeneratorFamily, repa_depth: int | None, repa_encoder: str | None,

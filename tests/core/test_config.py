@@ -59,6 +59,13 @@ def test_open_mapping_stays_open_after_a_preset_fills_it(configs):
     assert cfg.extra.depth == 2 and cfg.extra.patch == 2 and OmegaConf.to_yaml(cfg).count("${name}") == 1
 
 
+def test_open_mapping_stays_open_after_a_family_file_fills_it(configs):
+    (configs / "stage" / "filled.yaml").write_text("extra:\n  depth: 2\n")
+    (configs / "preset" / "more.yaml").write_text("filled:\n  extra:\n    width: 8\n")
+    cfg = compose("stage", "filled", "more", ["extra.patch=2"])
+    assert dict(cfg.extra) == {"depth": 2, "width": 8, "patch": 2}
+
+
 def test_values_are_typed(configs):
     cfg = compose("stage", "fam", None, ["train.lr=2e-4", "model.width=[1,2]"])
     assert isinstance(cfg.train.lr, float) and list(cfg.model.width) == [1, 2]

@@ -132,6 +132,8 @@ def test_every_family_builds_repa_and_ig_from_the_generic_keys(family):
     assert model.ig_depth == 1 and model.repa_depth == 1
     with pytest.raises(UnknownNameError, match="repa_encoder"):
         build_generator({**cfg, "repa_encoder": "dinov9"})
+    with pytest.raises(UserError, match=f"model.options: {family} got an unexpected keyword argument 'hiden_size'"):
+        build_generator({**cfg, "options": {**fam.tiny["options"], "hiden_size": 3}})
 
 
 # --- the REPA term ------------------------------------------------------------------------------------------
