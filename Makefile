@@ -1,10 +1,10 @@
 # `make install` builds .venv from nothing; `make test` runs the suite; `make demo` runs the
-# whole pipeline on synthetic data (CPU: under 10 minutes; uses the GPU when there is one).
+# whole pipeline on synthetic data (CPU: under 10 minutes; uses the GPU when there is one); `make demo-sfd` SFD on it.
 PYTHON ?= python3
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test matrix demo demo-rae clean
+.PHONY: install test matrix demo demo-vavae demo-sfd demo-rae clean
 
 install: .venv/.installed
 
@@ -26,18 +26,40 @@ matrix: install
 	$(PY) tools/matrix.py --write
 
 # The README's commands, end to end on the synthetic set (configs/preset/demo.yaml).
-demo: install
-	$(PY) -m tokenizers.train vavae preset=demo
-	$(PY) -m latents.extract --tokenizer $(DEMO)/vavae/tokenizer --data synthetic --out $(DEMO)/latents.zarr
+demo: demo-vavae
 	$(PY) -m generators.train --latent demo preset=demo
 	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_guided.npz
 	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_unguided.npz sample.cfg_scale=1.0
 	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_ig.npz sample.cfg_scale=1.0 sample.ig_scale=1.7
 	$(PY) -m generators.sample --run $(DEMO)/generator --num 300 --out $(DEMO)/samples_ig_guided.npz sample.ig_scale=1.4
 	$(PY) -m eval.demo_report --tokenizer-run $(DEMO)/vavae --generator-run $(DEMO)/generator \
-		--guided $(DEMO)/samples_guided.npz --unguided $(DEMO)/samples_unguided.npz \
-		--ig $(DEMO)/samples_ig.npz --ig-guided $(DEMO)/samples_ig_guided.npz --out $(DEMO)/report.html
+		--samples guided=$(DEMO)/samples_guided.npz --samples unguided=$(DEMO)/samples_unguided.npz \
+		--samples ig=$(DEMO)/samples_ig.npz --samples ig_cfg=$(DEMO)/samples_ig_guided.npz --out $(DEMO)/report.html
 	@echo "report: $(DEMO)/report.html"
+
+# The demo's tiny VA-VAE and its store of the synthetic set (both resume, or return at once when finished).
+demo-vavae: install
+	$(PY) -m tokenizers.train vavae preset=demo
+	$(PY) -m latents.extract --tokenizer $(DEMO)/vavae/tokenizer --data synthetic --out $(DEMO)/latents.zarr
+
+# SFD on the demo's VA-VAE store (texture) and a tiny SemVAE's store (semantic), trained twice: semantics ahead by
+# delta 0.3, and on one clock (delta 0); the report compares their samples' class accuracy (configs/preset/demo.yaml).
+demo-sfd: demo-vavae
+	$(PY) -m tokenizers.train semvae preset=demo
+	$(PY) -m latents.extract --tokenizer $(DEMO)/semvae/tokenizer --data synthetic --out $(DEMO)/semantic.zarr \
+		--sample-posterior --noise-seed 1
+	$(PY) -m generators.train --latent sfd preset=demo
+	$(PY) -m generators.train --latent sfd preset=demo model.options.semfirst_delta_t=0.0 run.dir=$(DEMO)/sfd_dt0
+	$(PY) -m generators.sample --run $(DEMO)/sfd --num 300 --out $(DEMO)/sfd_dt0.3.npz
+	$(PY) -m generators.sample --run $(DEMO)/sfd --num 300 --out $(DEMO)/sfd_dt0.3_cfg.npz sample.cfg_scale=4.0
+	$(PY) -m generators.sample --run $(DEMO)/sfd_dt0 --num 300 --out $(DEMO)/sfd_dt0.npz
+	$(PY) -m generators.sample --run $(DEMO)/sfd_dt0 --num 300 --out $(DEMO)/sfd_dt0_cfg.npz sample.cfg_scale=4.0
+	$(PY) -m eval.demo_report --title "latentkit SFD demo" --pipeline "tiny VA-VAE + tiny SemVAE &rarr; composite \
+		latent store &rarr; tiny SFD LightningDiT" --tokenizer-run $(DEMO)/vavae --generator-run $(DEMO)/sfd \
+		--generator-run $(DEMO)/sfd_dt0 --samples dt0.3=$(DEMO)/sfd_dt0.3.npz --samples dt0=$(DEMO)/sfd_dt0.npz \
+		--samples dt0.3_cfg4=$(DEMO)/sfd_dt0.3_cfg.npz --samples dt0_cfg4=$(DEMO)/sfd_dt0_cfg.npz \
+		--out $(DEMO)/sfd_report.html
+	@echo "report: $(DEMO)/sfd_report.html"
 
 # RAE demos (configs/preset/demo.yaml): for each frozen encoder (random weights of the real ViT-B), a tiny
 # decoder, a store of 500 synthetic images, a tiny DiT^DH and 100 samples. `make demo-rae-siglip2_b` runs one.

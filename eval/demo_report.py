@@ -7,6 +7,7 @@ grids and the loss curves of both trainings.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
@@ -99,18 +100,31 @@ def reconstruction(tokenizer_dir: Path, images: torch.Tensor) -> tuple[float, np
     return float(np.mean(psnr(orig, out))), grid
 
 
+def named_path(text: str) -> tuple[str, Path]:
+    """`NAME=PATH` of a --samples argument."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path or not name.replace("_", "").replace(".", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (NAME of letters, digits, _ and .), got {text!r}")
+    return name, Path(path)
+
+
 def main(argv: list[str]) -> None:
     p = cli.ArgumentParser(prog="python -m eval.demo_report", description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer-run", type=Path, required=True)
-    p.add_argument("--generator-run", type=Path, required=True)
-    p.add_argument("--guided", type=Path, required=True, help="samples .npz with guidance")
-    p.add_argument("--unguided", type=Path, required=True, help="samples .npz without guidance")
-    p.add_argument("--ig", type=Path, help="samples .npz with internal guidance alone (a model with an IG head)")
-    p.add_argument("--ig-guided", type=Path, help="samples .npz with internal guidance and CFG")
+    p.add_argument("--tokenizer-run", type=Path, required=True, help="the run of the tokenizer that decodes to pixels")
+    p.add_argument("--generator-run", type=Path, required=True, action="append",
+                   help="a generator run whose loss curve is shown (repeat for several)")
+    p.add_argument("--samples", type=named_path, required=True, action="append", metavar="NAME=PATH",
+                   help="a samples .npz of generators.sample, reported as sample_class_accuracy_NAME (repeat)")
+    p.add_argument("--title", default="latentkit demo report")
+    p.add_argument("--pipeline", default="tiny VA-VAE &rarr; latent store &rarr; tiny LightningDiT",
+                   help="what made the samples, for the page (HTML)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    for path in [args.tokenizer_run, *args.generator_run, *(path for _, path in args.samples)]:
+        if not path.exists():
+            raise FileNotFoundError(f"eval.demo_report: {path} does not exist")
 
     # Held-out data: a seed the tokenizer and generator never saw.
     held_out = SyntheticSource(500, args.image_size, args.num_classes, seed=1001)
@@ -120,38 +134,35 @@ def main(argv: list[str]) -> None:
     rec_psnr, rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out_images)
     metrics = {"recon_psnr_db": rec_psnr, "classifier_accuracy_on_real": clf_acc, "chance": 1 / args.num_classes}
     grids = {}
-    titles = {"guided": "with guidance (CFG)", "unguided": "without guidance", "ig": "with internal guidance alone",
-              "ig_cfg": "with internal guidance and CFG"}
-    given = {"guided": args.guided, "unguided": args.unguided, "ig": args.ig, "ig_cfg": args.ig_guided}
-    for name, path in given.items():
-        if path is None:
-            continue
+    for name, path in args.samples:
         with np.load(path) as f:
             images, labels = f["arr_0"], f["arr_1"]
         metrics[f"sample_class_accuracy_{name}"] = accuracy(clf, uint8_to_input(images), labels)
         grids[name] = path.with_suffix(".png")
-    metrics_path = args.out.with_name("metrics.json")
+    metrics_path = args.out.with_name(args.out.stem.replace("report", "metrics") + ".json")
     metrics_path.write_text(json.dumps(metrics, indent=2))
     log.info("demo metrics: %s", json.dumps(metrics))
 
-    tok_log, gen_log = read_jsonl(args.tokenizer_run / "metrics.jsonl"), read_jsonl(args.generator_run / "metrics.jsonl")
+    tok_log = read_jsonl(args.tokenizer_run / "metrics.jsonl")
     tok_key = next((k for k in ("rec_loss", "l1", "nll", "loss") if any(k in r for r in tok_log)), "loss")
+    curves = " ".join(svg_curve(read_jsonl(run / "metrics.jsonl"), "loss", f"generator loss ({run.name})")
+                      for run in args.generator_run)
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>latentkit demo</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(args.title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} td{{padding:2px 12px}} img{{image-rendering:pixelated}}</style>
-</head><body><h1>latentkit demo report</h1>
-<p>Synthetic data ({args.num_classes} classes, {args.image_size}px) &rarr; tiny VA-VAE &rarr; latent store &rarr; tiny
-LightningDiT &rarr; samples. Encoders, LPIPS and all networks here are randomly initialised or trained from scratch on
-the synthetic set: these numbers show that the pipeline learns, nothing more.</p>
+</head><body><h1>{html.escape(args.title)}</h1>
+<p>Synthetic data ({args.num_classes} classes, {args.image_size}px) &rarr; {args.pipeline} &rarr; samples. Encoders,
+LPIPS and all networks here are randomly initialised or trained from scratch on the synthetic set: these numbers show
+that the pipeline learns, nothing more.</p>
 <h2>Numbers</h2><table>{rows}</table>
 <p>Class accuracy: the fraction of generated samples of class c that a small CNN, trained on separate synthetic images,
 assigns to class c (chance = {1 / args.num_classes:.2f}).</p>
 <h2>Reconstruction (held-out images above, reconstructions below)</h2>
 <img src="{png_data_uri(rec_grid)}" width="{8 * 96}">
 <h2>Samples, one row per class</h2>
-{"".join(f'<h3>{titles[n]}</h3><img src="{png_data_uri(g)}" width="{8 * 72}">' for n, g in grids.items())}
+{"".join(f'<h3>{html.escape(n)}</h3><img src="{png_data_uri(g)}" width="{8 * 72}">' for n, g in grids.items())}
 <h2>Loss curves</h2>
-{svg_curve(tok_log, tok_key, f"tokenizer {tok_key}")} {svg_curve(gen_log, "loss", "generator loss")}
+{svg_curve(tok_log, tok_key, f"tokenizer {tok_key}")} {curves}
 </body></html>"""
     args.out.write_text(page)
     log.info("report: %s", args.out)

@@ -116,8 +116,8 @@ def test_missing_files_are_named(made, tmp_path, capsys):
                                                  "--random-weights"], capsys)
     assert str(nope) in failure("eval.make_ref", ["--data", "imagenet", f"data.root={nope}", "--out", str(tmp_path / "r.npz")],
                                 capsys)
-    assert str(nope) in failure("eval.demo_report", ["--tokenizer-run", str(nope), "--generator-run", str(nope), "--guided",
-                                                     "g.npz", "--unguided", "u.npz", "--out", str(tmp_path / "r.html")], capsys)
+    assert str(nope) in failure("eval.demo_report", ["--tokenizer-run", str(nope), "--generator-run", str(nope), "--samples",
+                                                     "guided=g.npz", "--out", str(tmp_path / "r.html")], capsys)
 
 
 def test_stores_models_and_folders_that_do_not_fit_are_refused(made, tmp_path, capsys):

@@ -165,3 +165,19 @@ def test_the_release_configs_build_sfds_models(name, keys, params):
         model = build_generator(compose("generator", name).model)
     assert model.semantic_first and model.repa_encoder == "dinov2_b_reg" and model.repa_depth == 2
     assert (len(model.state_dict()), sum(p.numel() for p in model.parameters())) == (keys, params)
+
+
+def test_the_demo_preset_joins_the_demo_stores_for_a_tiny_semantic_first_model():
+    """`make demo-sfd`: the VA-VAE demo store (8 channels) then the SemVAE demo store (4), for sfd_b1's demo section."""
+    from generators import train as gtrain
+    from generators.registry import build_generator
+
+    cfg, latent = gtrain.parse(["--latent", "sfd", "preset=demo"])
+    assert [g.name for g in latent.groups] == ["texture", "semantic"] and cfg.generator == "sfd_b1"
+    assert [list(g.stores) for g in latent.groups] == [["runs/demo/latents.zarr"], ["runs/demo/semantic.zarr"]]
+    assert [g.stats for g in latent.groups] == [None, None] and cfg.run.dir == "runs/demo/sfd"
+    model = build_generator(cfg.model)
+    assert sfd.is_semantic_first(model) and model.in_channels == 12 and model.semantic_chans == 4
+    assert model.semfirst_delta_t == 0.3 and model.repa_depth is None and sum(p.numel() for p in model.parameters()) < 2e6
+    same_clock, _ = gtrain.parse(["--latent", "sfd", "preset=demo", "model.options.semfirst_delta_t=0.0"])
+    assert build_generator(same_clock.model).semfirst_delta_t == 0.0
