@@ -28,7 +28,7 @@ from core import cli
 from core.checkpoint import atomic_path
 from core.config import to_dict
 from core.data import data_epilog, load_data_config, parse_data_overrides
-from core.errors import UserError
+from core.errors import MismatchError, UserError
 from core.images import build_source, default_workers, iterate_images
 from core.log import get_logger
 from core.runtime import progress
@@ -146,13 +146,16 @@ def main(argv: list[str]) -> dict:
     count = len(source) if args.num is None else min(args.num, len(source))
     if count < 2:
         raise UserError(f"rFID needs at least 2 images, the data set gives {count}")
+    tokenizer, tok_info = open_tokenizer(args.tokenizer)
+    if tokenizer.decodes_to != "images":  # SFD's semantic VAE: before Inception and LPIPS load
+        raise MismatchError(f"--tokenizer {args.tokenizer} decodes to {tokenizer.decodes_to}, not images: it has no "
+                            "reconstructions to score (its own trainer logs feature MSE and cosine)")
+    tokenizer.to(args.device)
     extractor = open_inception(args)
     try:
         lpips = LPIPS(random_weights=args.random_weights or args.lpips_random, device=args.device)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (--lpips-random or --random-weights run a pipeline test)") from e
-    tokenizer, tok_info = open_tokenizer(args.tokenizer)
-    tokenizer.to(args.device)
 
     out = args.out or default_out(args.tokenizer, args.data)
     setup = prepare_out_dir(out, {

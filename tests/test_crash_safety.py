@@ -107,6 +107,7 @@ CASES = {
     "tokenizers.train rae": lambda root: tokenizer_case("rae", "encoder=dinov2_b", "augment.resize_scale=1",
                                                         "loss.disc_update_start=2", "loss.disc_start=3",
                                                         "discriminator.image_size=16"),
+    "tokenizers.train semvae": lambda root: tokenizer_case("semvae", "train.batch_size=4"),
     "latents.extract": lambda root: Case("latents.extract", lambda out: [
         "--tokenizer", str(root / "vae"), *SYNTH, "--out", str(out / "s.zarr"), "--shard-size", "4", "--batch-size", "4",
         "--sample-posterior", "data.num_images=24", "data.image_size=32"], lambda out: store_arrays(out / "s.zarr")),

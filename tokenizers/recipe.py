@@ -8,6 +8,7 @@ second copy with a second, empty registry.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -45,6 +46,9 @@ class Family:
     model: nn.Module
     disc_train_in_g_step = True  # LDM runs its discriminator in train mode in the generator step too
     adaptive_eps = 1e-4  # in the denominator of LDM's adaptive GAN weight
+    # A recipe with its own loop (SemVAE: features, no GAN) sets a class method run(cfg) -> run folder; the shared
+    # GAN loop of tokenizers.train runs the others.
+    run: Callable[[DictConfig], Path] | None = None
 
     def generator_loss(
         self, model: nn.Module, raw: nn.Module, images: torch.Tensor, gens: list[torch.Generator]

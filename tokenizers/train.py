@@ -131,7 +131,7 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     """Train (or resume) one tokenizer run; returns the run folder. The exported tokenizer is in `<run>/tokenizer`."""
     if family_name not in FAMILIES:
         raise ConfigError(f"unknown tokenizer family {family_name!r}; trainable here: {', '.join(sorted(FAMILIES))}")
-    if hasattr(FAMILIES[family_name], "run"):  # a recipe with its own loop (semvae: features, no GAN)
+    if FAMILIES[family_name].run is not None:  # a recipe with its own loop (semvae: features, no GAN)
         return FAMILIES[family_name].run(cfg)
     run_dir = cfg.run.dir or f"runs/tokenizer/{family_name}"
     acc = make_accelerator(cfg.train.precision, cfg.train.log_with, run_dir)

@@ -154,3 +154,14 @@ def test_missing_weights_error_names_the_file(tokenizer_dir, imagenet_sample, tm
 def test_default_out_names_tokenizer_and_data(tokenizer_dir):
     assert recon.default_out(str(tokenizer_dir), "imagenet_val") == Path("runs/eval/recon_tiny_vavae_imagenet_val")
     assert recon.default_out("vavae:/ckpt/vavae-f16d32.pt", "configs/data/x.yaml") == Path("runs/eval/recon_vavae_vavae-f16d32_x")
+
+
+def test_a_feature_tokenizer_is_refused_before_any_network_loads(imagenet_sample, tmp_path, monkeypatch):
+    from core.errors import MismatchError
+    from tokenizers.semvae import SemVAE
+
+    SemVAE(**{**SemVAE.tiny_config("", SIZE), "encoder_depth": 1}).save_pretrained(tmp_path / "semvae")
+    monkeypatch.setattr(recon, "open_inception", lambda args: pytest.fail("Inception loaded for a feature tokenizer"))
+    with pytest.raises(MismatchError, match="decodes to features, not images"):
+        recon.main(recon_args(tmp_path / "semvae", imagenet_sample, tmp_path / "out", "--random-weights"))
+    assert not (tmp_path / "out").exists()
