@@ -26,7 +26,7 @@ from core.checkpoint import load_safetensors
 from core.config import compose
 from generators import sfd
 from generators.guidance import cfg as cfg_guidance
-from generators.registry import build_generator
+from generators.registry import build_generator, run_config
 from generators.sample import finished_checkpoint
 from generators.sampling import initial_noise, sample
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = OmegaConf.load(f"{args.run}/config.yaml") if args.run else compose("generator", args.generator)
+    cfg = run_config(f"{args.run}/config.yaml") if args.run else compose("generator", args.generator)
     model = build_generator(cfg.model).to(device).eval()
     if args.run:
         model.load_state_dict(load_safetensors(finished_checkpoint(Path(args.run)) / "ema.safetensors"))

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -150,14 +150,16 @@ class RunFolder:
         accelerator.wait_for_everyone()
         self.metrics = JsonlWriter(self.path / "metrics.jsonl")
 
-    def save_config(self, cfg: DictConfig, may_change: tuple[str, ...] = (), defaults: DictConfig | None = None) -> None:
+    def save_config(self, cfg: DictConfig, may_change: tuple[str, ...] = (), defaults: DictConfig | None = None,
+                    upgrade: Callable[[DictConfig], DictConfig] | None = None) -> None:
         """Write the config. A resumed run must use the config it started with, except for keys
         under the prefixes in `may_change` (e.g. more steps, other logging intervals). A key the saved config
         lacks (added by a later version of latentkit) is no difference while it has its `defaults` value, the
-        one that does what the older version did."""
+        one that does what the older version did; `upgrade` renames what a later version renamed."""
         path = self.path / "config.yaml"
         if path.is_file():
-            old, new = _flat(OmegaConf.load(path)), _flat(cfg)
+            saved = OmegaConf.load(path)
+            old, new = _flat(upgrade(saved) if upgrade else saved), _flat(cfg)
             default = _flat(defaults) if defaults is not None else {}
             missing = object()
             diff = sorted(k for k in set(old) | set(new)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from omegaconf import DictConfig, OmegaConf
 
 from core.config import to_dict
 from core.errors import MismatchError, UnknownNameError, UserError
@@ -83,6 +86,19 @@ def build_generator(model_cfg: Any) -> nn.Module:
         if "unexpected keyword argument" not in str(e):
             raise
         raise UserError(f"model.options: {family} {e.args[0].split('() ', 1)[-1]}") from e
+
+
+def run_config(path: str | Path) -> DictConfig:
+    """The config.yaml of one of our generator runs, in today's names (`upgrade_run_config`)."""
+    return upgrade_run_config(OmegaConf.load(path))
+
+
+def upgrade_run_config(cfg: DictConfig) -> DictConfig:
+    """A run config saved by an older latentkit, in today's names. RAE's DiT^DH was family `ddt` until that name
+    went to MCG-NJU's DDT; DiT^DH sizes (S, B, L, XL, DiTDH-*) have no patch, DDT's (B/2, L/2, XL/2) have one."""
+    if cfg.model.family == "ddt" and "/" not in str(cfg.model.size):
+        cfg.model.family = "ditdh"
+    return cfg
 
 
 def training_aid_options(family: GeneratorFamily, repa_depth: int | None, repa_encoder: str | None,

@@ -37,7 +37,7 @@ from core.samples import save_npz, save_samples_npz, to_uint8
 from generators import sfd
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
-from generators.registry import build_generator
+from generators.registry import build_generator, run_config
 from generators.sampling import DenoiseFn, initial_noise, sample, sample_generators
 from latents.config import load_latent_config
 from latents.decode import latent_decoder
@@ -65,7 +65,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
         config = Path(args.run) / "config.yaml"
         if not config.is_file():
             raise FileNotFoundError(f"--run {args.run}: not a generator run folder ({config} is missing)")
-        cfg = OmegaConf.load(config)
+        cfg = run_config(config)
         apply_overrides(cfg, parse_overrides(overrides), "the sampling command line")
     elif args.official:
         if not args.latent:
@@ -131,7 +131,7 @@ def load_guide(cfg: DictConfig) -> torch.nn.Module | None:
         model.load_official_state_dict(load_torch_weights(path))
     else:
         ckpt = finished_checkpoint(path)
-        guide_model = OmegaConf.load(ckpt.parent.parent / "config.yaml").model
+        guide_model = run_config(ckpt.parent.parent / "config.yaml").model
         for key in ("in_channels", "input_size", "num_classes"):
             if guide_model[key] != cfg.model[key]:
                 raise MismatchError(f"AutoGuidance guide {path} has model.{key}={guide_model[key]}, "

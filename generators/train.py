@@ -29,7 +29,7 @@ from core.runtime import RunFolder, make_accelerator, progress, seed_everything,
 from core.optim import build_optimizer
 from generators import flow, sfd
 from generators.objective import Objective
-from generators.registry import build_generator
+from generators.registry import build_generator, upgrade_run_config
 from generators.sample import generator_config, load_guide, sample_latents
 from latents.config import load_latent_config
 from latents.dataset import build_latent_loader, latent_info
@@ -140,7 +140,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         info = latent_info(latent_cfg, features=features)
         objective.check_targets(info.latent_shape, info.feature_shape)
     run = RunFolder(cfg.run.dir, acc)
-    run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"))
+    run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"), upgrade=upgrade_run_config)
     world, rank = acc.num_processes, acc.process_index
     if cfg.train.global_batch % world:
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")

@@ -65,7 +65,7 @@ def trained(rae, tmp_path_factory) -> Path:
 
 def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
     cfg, latent_cfg = gtrain.parse(["--latent", "rae_dino"])
-    assert (cfg.generator, cfg.model.family, cfg.model.size, cfg.model.in_channels) == ("ditdh_xl", "ddt", "XL", 768)
+    assert (cfg.generator, cfg.model.family, cfg.model.size, cfg.model.in_channels) == ("ditdh_xl", "ditdh", "XL", 768)
     assert cfg.flow.time_shift == cfg.sample.shift == pytest.approx(flow.dimension_shift(768 * 16 * 16))
     assert cfg.sample.steps == 50 and cfg.sample.method == "euler" and cfg.sample.autoguidance.scale == 1.42
     # Training times as generators.train draws them: RAE's shifted logit-normal has median 0.874 in its time
@@ -73,7 +73,7 @@ def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
     _, t, _ = gtrain.step_randomness(0, 0, 20000, 0, 1, (1,), cfg.flow, 0.1, torch.device("cpu"))
     assert t.median().item() == pytest.approx(1 - 0.874, abs=0.01)
     demo, demo_latent = gtrain.parse(["--latent", "rae_dino", "preset=demo"])
-    assert demo.generator == "ditdh_s" and demo.model.family == "ddt" and demo.model.in_channels == 768
+    assert demo.generator == "ditdh_s" and demo.model.family == "ditdh" and demo.model.in_channels == 768
     assert demo.run.dir == "runs/demo/rae_dino_ditdh" and demo.preset == "demo"
     assert demo_latent.stores == ["runs/demo/rae_dino.zarr"] and demo.model.input_size == 4  # 64 px demo images
     assert demo.flow.time_shift == demo.sample.shift == pytest.approx(flow.dimension_shift(768 * 4 * 4))
@@ -84,7 +84,7 @@ def test_the_rae_configs_train_ditdh_with_the_dimension_shift():
 
 def test_ditdh_trains_on_a_rae_store_with_sample_grids(trained):
     cfg = OmegaConf.load(trained / "config.yaml")
-    assert cfg.model.family == "ddt" and cfg.preset.endswith("preset.yaml")
+    assert cfg.model.family == "ditdh" and cfg.preset.endswith("preset.yaml")
     mse = [r["mse"] for r in read_jsonl(trained / "metrics.jsonl")]
     assert len(mse) == 30 and sum(mse[-5:]) < 0.9 * sum(mse[:5])
     assert (trained / "samples" / "step_0000015.png").is_file() and (trained / "samples" / "step_0000030.png").is_file()
@@ -162,3 +162,18 @@ def test_a_guide_that_does_not_fit_is_refused(trained, tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "weak.pt")  # an official file of the wrong model
     with pytest.raises(KeyError, match="missing"):
         gsample.load_guide(official)
+
+
+def test_a_run_saved_when_ditdh_was_family_ddt_samples_and_resumes(rae, trained, tmp_path):
+    """Before MCG-NJU's DDT took the name, our DiT^DH runs recorded `model.family: ddt` (with a size without patch)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    config = OmegaConf.load(old / "config.yaml")
+    config.model.family, config.run.dir = "ddt", str(old)
+    (old / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    assert np.array_equal(sample(old, tmp_path / "old.npz"), sample(trained, tmp_path / "new.npz"))
+    run(rae["store"], old, f"preset={rae['preset']}", "train.steps=33", "train.ckpt_every=15", "train.sample_every=15",
+        "train.ema_decay=0.8")  # resumes from step 30 under the new name
+    assert (old / "checkpoints" / "step_0000033").is_dir()

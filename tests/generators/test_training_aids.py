@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from core.errors import UnknownNameError, UserError
 from generators import guidance
-from generators.ddt import DiTwDDTHead, build_ddt
+from generators.ditdh import DiTwDDTHead, build_ditdh
 from generators.lightningdit import build_lightningdit
 from generators.registry import build_generator, shipped_generators
 from generators.repa import match_grid, repa_loss
@@ -89,7 +89,7 @@ TINY_DH = dict(input_size=4, in_channels=8, hidden_size=[32, 48], depth=[2, 1], 
 
 def test_ditdh_takes_raev2_keywords():
     with torch.device("meta"):
-        model = build_ddt("XL", enable_repa=True, repa_layer_depth=8, z_dim=768, base_model_depth=8)
+        model = build_ditdh("XL", enable_repa=True, repa_layer_depth=8, z_dim=768, base_model_depth=8)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(("repa_", "base_"))}
     assert got == {"repa_projector.weight": (768, 1152), "repa_projector.bias": (768,),
                    "base_final_layer.norm_final.weight": (1152,),

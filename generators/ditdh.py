@@ -223,19 +223,19 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
     def load_official(cls, path: str | Path, name: str = "XL", **overrides) -> "DiTwDDTHead":
         """Build preset ``name`` with the released options (+ overrides) and load an official
         ``stage2_model.pt`` (e.g. ``XL`` for DiTDH-XL, ``S`` for the AutoGuidance model DiTDH-S_ep14)."""
-        model = build_ddt(name, **overrides)
+        model = build_ditdh(name, **overrides)
         model.load_official_state_dict(load_torch_weights(path))
         return model.eval()
 
 
 @register(
-    "ddt", config="ditdh_xl",
+    "ditdh", config="ditdh_xl",
     tiny={"size": "S", "options": {"hidden_size": [32, 64], "depth": [1, 1], "num_heads": [2, 2]}},
     repa=lambda depth, encoder: {"enable_repa": True, "repa_layer_depth": depth, "z_dim": ENCODERS[encoder].feature_dim},
     ig=lambda depth: {"base_model_depth": depth},
     releases=(Release("DiTDH-XL", "rae", "dinov2_b"), Release("DiTDH-S_ep14", "rae", "dinov2_b")),
 )
-def build_ddt(name: str, **overrides) -> DiTwDDTHead:
+def build_ditdh(name: str, **overrides) -> DiTwDDTHead:
     """A preset (``"DiTDH-XL"`` or ``"XL"``; S, B, L, XL) with the released options.
 
     ``overrides`` are constructor keywords, e.g. ``input_size=32`` for 512 px or ``in_channels``.

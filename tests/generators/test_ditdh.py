@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import compose
-from generators.ddt import PRESETS, DiTwDDTHead, build_ddt
+from generators.ditdh import PRESETS, DiTwDDTHead, build_ditdh
 from generators.flow import dimension_shift, flow_loss, interpolate, velocity_target
 from generators.registry import build_generator
 
@@ -89,7 +89,7 @@ def param_count(E: int, enc_depth: int, H: int = 2048, head_depth: int = 2, C: i
 
 def test_xl_has_the_official_keys_and_shapes():
     with torch.device("meta"):
-        model = build_ddt("XL")
+        model = build_ditdh("XL")
     state = model.state_dict()
     got = {k: tuple(v.shape) for k, v in state.items()}
     assert len(got) == 382
@@ -102,7 +102,7 @@ def test_xl_has_the_official_keys_and_shapes():
 @pytest.mark.parametrize("name, millions", [("S", 196.5), ("B", 294.3), ("L", 621.7), ("XL", 838.7)])
 def test_preset_param_counts(name, millions):
     with torch.device("meta"):
-        model = build_ddt(name)
+        model = build_ditdh(name)
     n = sum(p.numel() for p in model.parameters())
     cfg = PRESETS[f"DiTDH-{name}"]
     assert n == param_count(cfg["hidden_size"][0], cfg["depth"][0])
@@ -111,14 +111,14 @@ def test_preset_param_counts(name, millions):
 
 def test_bad_sizes_are_refused():
     with pytest.raises(KeyError, match="DiTDH-XL"):
-        build_ddt("XXL")
+        build_ditdh("XXL")
     with pytest.raises(ValueError, match="patch"):
         DiTwDDTHead(**TINY, patch_size=2)
 
 
-def test_registry_and_configs_build_ddt():
+def test_registry_and_configs_build_ditdh():
     with torch.device("meta"):
-        model = build_generator({"family": "ddt", "size": "S", "input_size": 8, "in_channels": 32, "num_classes": 10,
+        model = build_generator({"family": "ditdh", "size": "S", "input_size": 8, "in_channels": 32, "num_classes": 10,
                                  "options": {"use_rope": False}})
     assert model.pos_embed.shape == (1, 64, 384) and model.enc_feat_rope is None and model.num_classes == 10
     for name, keys in (("ditdh_xl", 382), ("ditdh_s", 190)):
