@@ -2,7 +2,7 @@
 
     python -m latents.extract --tokenizer <saved folder | family:official_path> --data <name | yaml>
         --out <store path or fsspec URL> [--batch-size 64] [--strict] [--dtype float16|float32]
-        [--stats channel|element] [--no-mean] [--sample-posterior] [--seed 0] [--workers 4]
+        [--stats channel|element] [--no-mean] [--sample-posterior | --store-moments] [--seed 0] [--workers 4]
         [--shard-size ROWS] [--bf16] [--features ENCODER [--features-weights FILE | --features-random-init]]
         [data.key=value ...]
     torchrun --standalone --nproc_per_node 8 -m latents.extract ...      # each rank writes whole shards
@@ -23,6 +23,15 @@ the store's `features` attribute).
 
 Posterior samples (`--sample-posterior`, the official VA-VAE recipe) use one generator per row and
 view, seeded from (seed, source index, view), so they depend neither on batch size nor on processes.
+
+Posterior moments (`--store-moments`, DDT's recipe): `latents` / `latents_flip` hold each view's posterior mean
+and `logvar` / `logvar_flip` its log-variance (the tokenizer's `posterior(images)`, as it returns it: LDM and
+diffusers clamp it to [-30, 20]), in `--dtype`, written, hashed, checked and resumed with the latents shard by
+shard; the store's `extraction.moments` is true. The training loader then draws a fresh sample
+mean + exp(logvar / 2) * eps at every load (latents/config.py `posterior: sample`). Any tokenizer with a
+diagonal Gaussian posterior can (sdvae, vavae, semvae); one without (rae) is refused before it is loaded. The
+statistics are the means' (as of any store) plus the sum of the posterior variances, from which those of the
+samples follow exactly in expectation (latents/store.py). A store is twice the size of a store of means.
 
 Bad files: a file that cannot be decoded is skipped, its row stays invalid (`valid` false, zeros),
 and it is logged and listed with its reason in the store's `skipped` attribute. With `--strict`
@@ -82,6 +91,7 @@ class ExtractSettings:
     stats: str = "channel"
     center: bool = True  # False: no mean in the statistics (RAE)
     sample_posterior: bool = False
+    moments: bool = False  # store posterior means (latents) and log-variances (logvar) instead of one latent
     seed: int = 0
     noise_seed: int | None = None  # the posterior samples' seed; None: `seed` (a composite's groups need two)
     shard_rows: int | None = None  # None: sized by latents.store.make_layout
@@ -102,6 +112,44 @@ def log_path(out: str) -> Path:
 def both_views(images: torch.Tensor) -> torch.Tensor:
     """The images, then their horizontal mirrors (the `_flip` arrays), along the batch."""
     return torch.cat([images, images.flip(-1)])
+
+
+def has_posterior(tokenizer: Tokenizer | type[Tokenizer]) -> bool:
+    """Whether a tokenizer (or family) has a diagonal Gaussian posterior: `posterior(images) -> (mean, logvar)`."""
+    return callable(getattr(tokenizer, "posterior", None))
+
+
+def check_posterior(tokenizer: Tokenizer | type[Tokenizer], flag: str) -> None:
+    """Refuse `flag` (--sample-posterior, --store-moments) for a tokenizer without a posterior, naming those with one."""
+    if has_posterior(tokenizer):
+        return
+    import tokenizers.families  # noqa: F401  (registers every family)
+
+    able = sorted(n for n, c in TOKENIZERS.items() if has_posterior(c) and not n.endswith("_test"))
+    raise UserError(f"{flag}: the {tokenizer.name} tokenizer has no posterior to sample: it encodes deterministically, "
+                    f"with no diagonal Gaussian posterior(images) -> (mean, logvar); families with one: {', '.join(able)}")
+
+
+def tokenizer_family(spec: str) -> type[Tokenizer] | None:
+    """The family class of a --tokenizer spec without loading any weights (None where it cannot be told)."""
+    import tokenizers.families  # noqa: F401  (registers every family)
+    from tokenizers.base import read_config
+
+    try:
+        family = read_config(Path(spec)).get("family") if Path(spec).is_dir() else spec.partition(":")[0]
+    except (OSError, ValueError):
+        return None
+    return TOKENIZERS.get(family)
+
+
+def moment_views(tokenizer: Tokenizer, images: torch.Tensor, settings: ExtractSettings) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((mean, mean of the mirrors), (logvar, logvar of the mirrors)) of the posterior, float32 on the CPU."""
+    n = len(images)
+    x = both_views(images)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.autocast):
+        mean, logvar = tokenizer.posterior(x)
+    mean, logvar = mean.float().cpu(), logvar.float().cpu()
+    return (mean[:n], mean[n:]), (logvar[:n], logvar[n:])
 
 
 def encode_views(tokenizer: Tokenizer, images: torch.Tensor, indices: torch.Tensor, settings: ExtractSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,20 +183,26 @@ class ShardBuffer:
     """The rows of one shard while its batches are encoded; written to the store in one call when full."""
 
     def __init__(self, layout: zs.Layout, shard: int, latent_shape: tuple[int, int, int], dtype: str,
-                 feature_shape: tuple[int, int] | None = None) -> None:
+                 feature_shape: tuple[int, int] | None = None, moments: bool = False) -> None:
         self.start, self.stop = layout.shard_range(shard)
         n = self.stop - self.start
         self.latents, self.flips = np.zeros((n, *latent_shape), dtype), np.zeros((n, *latent_shape), dtype)
         self.features = None if feature_shape is None else tuple(
             np.zeros((n, *feature_shape), zs.FEATURE_DTYPE) for _ in zs.VIEWS["features"])  # (plain, mirrored)
+        self.logvars = None if not moments else tuple(np.zeros((n, *latent_shape), dtype) for _ in zs.VIEWS["logvar"])
         self.valid = np.zeros(n, bool)
         self.skipped: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
 
     def put(self, rows: list[int], latents: torch.Tensor, flips: torch.Tensor, where: list[str],
-            features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+            features: tuple[torch.Tensor, torch.Tensor] | None = None,
+            logvars: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         pos = np.asarray(rows) - self.start
         lat, flip = _finite("latents", [latents, flips], self.latents.dtype, where, "try --dtype float32")
+        if logvars is not None:
+            for stored, values in zip(self.logvars, _finite("posterior log-variances", list(logvars), self.latents.dtype,
+                                                            where, "try --dtype float32")):
+                stored[pos] = values
         if features is not None:
             for stored, values in zip(self.features, _finite("features", features, zs.FEATURE_DTYPE, where, "")):
                 stored[pos] = values
@@ -179,7 +233,9 @@ def store_attributes(tok_info: dict[str, Any], source: Any, data_cfg: Any, laten
                      settings: ExtractSettings, layout: zs.Layout, command: str,
                      features: dict[str, Any] | None = None) -> dict[str, Any]:
     size = int(data_cfg["image_size"])
-    encoding = "posterior samples, one seeded generator per row and view" if settings.sample_posterior else "deterministic encode (posterior mean)"
+    encoding = ("posterior samples, one seeded generator per row and view" if settings.sample_posterior else
+                "posterior moments: latents hold the means, logvar the log-variances" if settings.moments else
+                "deterministic encode (posterior mean)")
     return zs.jsonable({
         "tokenizer": tok_info,
         "data": {"config": to_dict(data_cfg) if isinstance(data_cfg, DictConfig) else dict(data_cfg), "source": source.describe()},
@@ -189,8 +245,10 @@ def store_attributes(tok_info: dict[str, Any], source: Any, data_cfg: Any, laten
         "num_classes": int(source.num_classes),
         "preprocessing": f"ADM center crop to {size}x{size}, RGB, [-1, 1]; latents_flip encodes the horizontal mirror; "
                          f"{encoding}; {'bf16 autocast' if settings.autocast else 'fp32'}",
-        # noise_seed only when given, so the record of a store made before it existed still matches on resume.
-        "extraction": {**{k: v for k, v in asdict(settings).items() if k != "noise_seed" or v is not None},
+        # noise_seed only when given and moments only when true, so the record of a store made before they existed
+        # still matches on resume.
+        "extraction": {**{k: v for k, v in asdict(settings).items()
+                          if not (k == "noise_seed" and v is None or k == "moments" and not v)},
                        "shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
         "features": features,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -221,7 +279,7 @@ def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: 
     if group is None or not group.attrs.get("ready"):  # absent, or its creation was cut short
         zs.create_store(out, attrs, layout, latent_shape, settings.dtype, settings.stats, perm,
                         labels[perm].astype(np.int32), overwrite=group is not None or Path(out).is_dir(),
-                        feature_shape=feature_shape)
+                        feature_shape=feature_shape, moments=settings.moments)
         return "created"
     old = dict(group.attrs)
     diff = [k for k in RESUME_KEYS if _select(old, k) != _select(attrs, k)]
@@ -265,8 +323,13 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     acc = accelerator or PartialState()
     rank, world = acc.process_index, acc.num_processes
     out = str(out)
-    if settings.sample_posterior and not hasattr(tokenizer, "posterior"):
-        raise UserError(f"--sample-posterior: the {tokenizer.name} tokenizer has no posterior to sample")
+    if settings.sample_posterior and settings.moments:
+        raise UserError("--sample-posterior stores one posterior sample, --store-moments the posterior's mean and "
+                        "log-variance to sample from at every load; give one of them")
+    if settings.sample_posterior:
+        check_posterior(tokenizer, "--sample-posterior")
+    if settings.moments:
+        check_posterior(tokenizer, "--store-moments")
     image_size = int(data_cfg["image_size"])
     latent_shape = tokenizer.latent_shape(image_size)
     feature_shape = None
@@ -323,7 +386,7 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     buf = None
     try:
         for (k, rows), batch in zip(plan(), loader):
-            buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype, feature_shape)
+            buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype, feature_shape, settings.moments)
             row_of = dict(zip(perm[rows].tolist(), rows.tolist()))
             for index, reason in batch.skipped:
                 entry = {"index": int(index), "row": row_of[index], "where": source.where(index), "reason": reason}
@@ -335,14 +398,18 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
                 journal.write(event="skipped", rank=rank, **entry)
             if len(batch.indices):
                 images = batch.images.to(acc.device)
-                lat, flip = encode_views(tokenizer, images, batch.indices, settings)
+                logvars = None
+                if settings.moments:
+                    (lat, flip), logvars = moment_views(tokenizer, images, settings)
+                else:
+                    lat, flip = encode_views(tokenizer, images, batch.indices, settings)
                 feats = None if features is None else feature_views(features, images, settings)
                 buf.put([row_of[int(i)] for i in batch.indices], lat, flip, [source.where(int(i)) for i in batch.indices],
-                        feats)
+                        feats, logvars)
             bar.update(len(rows))
             if rows[-1] == buf.stop - 1:
                 zs.write_shard(group, layout, k, buf.latents, buf.flips, buf.valid, buf.skipped, settings.stats,
-                               buf.features)
+                               buf.features, buf.logvars)
                 seconds = time.perf_counter() - buf.t0
                 journal.write(event="shard", rank=rank, shard=k, rows=len(buf.valid), valid=int(buf.valid.sum()),
                               skipped=len(buf.skipped), seconds=round(seconds, 3), images_per_s=round(len(buf.valid) / seconds, 2))
@@ -376,7 +443,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--stats", choices=list(zs.STAT_KINDS), default="channel", help="per channel [C] or per element [C,h,w]")
     p.add_argument("--no-mean", action="store_true", help="statistics without a mean: z / std (RAE)")
-    p.add_argument("--sample-posterior", action="store_true", help="store posterior samples (official VA-VAE recipe)")
+    posterior = p.add_mutually_exclusive_group()
+    posterior.add_argument("--sample-posterior", action="store_true", help="store posterior samples (official VA-VAE recipe)")
+    posterior.add_argument("--store-moments", action="store_true",
+                           help="store each view's posterior mean (latents) and log-variance (logvar), to draw a fresh "
+                                "sample at every load (DDT's recipe; latent config 'posterior: sample'); twice the size")
     p.add_argument("--seed", type=int, default=0, help="row permutation and posterior samples")
     p.add_argument("--noise-seed", type=int, default=None,
                    help="seed of the posterior samples (default: --seed); the sampled groups of a composite latent "
@@ -399,12 +470,16 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     settings = ExtractSettings(
         batch_size=args.batch_size, dtype=args.dtype, stats=args.stats, center=not args.no_mean,
-        sample_posterior=args.sample_posterior, seed=args.seed, noise_seed=args.noise_seed, shard_rows=args.shard_size, autocast=args.bf16,
+        sample_posterior=args.sample_posterior, moments=args.store_moments, seed=args.seed, noise_seed=args.noise_seed, shard_rows=args.shard_size, autocast=args.bf16,
     )
     if (args.features_weights or args.features_random_init) and not args.features:
         raise cli.UsageError("--features-weights and --features-random-init need --features ENCODER")
     if args.features_weights and args.features_random_init:
         raise cli.UsageError("give either --features-weights or --features-random-init, not both")
+    family = tokenizer_family(args.tokenizer)  # refused before any data or weights are opened where it can be told
+    for flag, asked in (("--sample-posterior", args.sample_posterior), ("--store-moments", args.store_moments)):
+        if asked and family is not None:
+            check_posterior(family, flag)
     data_cfg = load_data_config(args.data, args.overrides)
     acc = make_accelerator(mixed_precision="no")
     source = build_source(data_cfg)

@@ -4,22 +4,28 @@ Layout of a store with N rows of latents shaped [C, h, w], written in S shards o
 
     zarr.json      attributes: format, version, ready, complete, tokenizer {name, config, checkpoint_sha256},
                    data {config, source}, image_size, latent_shape, num_classes, num_rows, preprocessing,
-                   extraction {dtype, stats, center, sample_posterior, seed, batch_size, autocast, shard_rows,
-                   chunk_rows}, created, command; when complete also num_valid, num_skipped and
-                   skipped [{index, row, where, reason}]; features (null, or the REPA target encoder:
-                   {encoder, timm_name, input_size, image_size (fed), grid, tokens, dim, random_init,
-                   weights_file, weights_sha256, dtype, preprocessing})
+                   extraction {dtype, stats, center, sample_posterior, seed, noise_seed (when given), moments
+                   (only when true), batch_size, autocast, shard_rows, chunk_rows}, created, command; when
+                   complete also num_valid, num_skipped and skipped [{index, row, where, reason}]; features
+                   (null, or the REPA target encoder: {encoder, timm_name, input_size, image_size (fed), grid,
+                   tokens, dim, random_init, weights_file, weights_sha256, dtype, preprocessing})
     latents        [N, C, h, w] float16 (or float32), chunks (chunk_rows, C, h, w) inside shards of
                    (shard_rows, C, h, w), zstd
     latents_flip   same, encoded from the horizontally mirrored image
     features       [N, tokens, dim] float16, only when `features` is set: the encoder's patch tokens of the same
                    image (tokenizers.encoders.build_feature_encoder), shards of the same rows as the latents
     features_flip  same, of the mirrored image (a reader that takes latents_flip for a row takes these)
+    logvar         [N, C, h, w], only in a *moments* store (extraction.moments true, `--store-moments`): the
+                   posterior log-variance of each row, `latents` then holding its posterior mean; same dtype,
+                   chunks and shards as the latents
+    logvar_flip    same, of the mirrored image
     labels         [N] int32 class ids;   index [N] int64 source position of each row
     valid          [N] bool, False where the image was skipped (its latents are zeros)
     stats/         mean (absent when the statistics have no mean), std: float32, per channel [C] or per
-                   element [C, h, w]; sum, sumsq float64 and count int64 (), the sums they come from
-    shards/        sum, sumsq [S, *stat_shape] float64: each shard's partial sums, one chunk per shard
+                   element [C, h, w]; sum, sumsq float64 and count int64 (), the sums they come from; in a
+                   moments store also var_sum float64, the sum of exp(logvar) over the same values (below)
+    shards/        sum, sumsq [S, *stat_shape] float64: each shard's partial sums, one chunk per shard (and
+                   var_sum in a moments store)
     shards/done/   one group per finished shard (`000003`) with attributes {num_valid, skipped, sha256 of each
                    per-row array written: latents, latents_flip, valid and, when present, features, features_flip}
 
@@ -29,6 +35,12 @@ only once its `shards/done/<k>` record exists, and that record is written last. 
 written by one process in one call (two writers in one shard lose data). Statistics are float64
 sums over every valid latent of both views, summed per shard and then over shards in shard order,
 so they do not depend on the number of processes or on where a run was interrupted.
+
+A moments store's `stats/mean` and `stats/std` are those of its `latents`, the posterior means, as in any store;
+`stats/var_sum` adds what the posterior noise contributes, so the statistics of posterior samples
+z = mean + exp(logvar / 2) * eps are exact in expectation over eps, with no draw: E[z] = sum / count and
+E[z^2] = (sumsq + var_sum) / count (`Stats.of_samples`). A loader that samples afresh normalises by those; one that
+reads the means (latents/config.py `posterior: stored`) by the means' own.
 """
 from __future__ import annotations
 
@@ -54,7 +66,8 @@ MAX_SHARD_ROWS = 4096  # keeps several shards per data set for parallel writers 
 CHUNK_BYTES = 1 << 20  # inner chunk: the unit a reader decompresses
 SUM_BLOCK_BYTES = 32 << 20  # float64 working memory while summing a shard
 FEATURE_DTYPE = "float16"
-VIEWS = {"latents": ("latents", "latents_flip"), "features": ("features", "features_flip")}  # (plain, mirrored)
+VIEWS = {"latents": ("latents", "latents_flip"), "features": ("features", "features_flip"),
+         "logvar": ("logvar", "logvar_flip")}  # (plain, mirrored)
 
 
 @dataclass(frozen=True)
@@ -111,15 +124,25 @@ class Stats:
     count: int  # values behind each statistic
     sum: np.ndarray  # float64 sums they were derived from (for combining stores)
     sumsq: np.ndarray
+    var_sum: np.ndarray | None = None  # moments stores: float64 sum of the posterior variances exp(logvar)
 
     @classmethod
-    def from_sums(cls, kind: str, center: bool, total: np.ndarray, total_sq: np.ndarray, count: int) -> "Stats":
+    def from_sums(cls, kind: str, center: bool, total: np.ndarray, total_sq: np.ndarray, count: int,
+                  var_sum: np.ndarray | None = None) -> "Stats":
         if count <= 0:
             raise ValueError("no valid latents to compute statistics from")
         mean = total / count
         # The std is about the mean even when the mean is not subtracted, as in RAE's released statistics.
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-        return cls(kind, mean.astype(np.float32) if center else None, std.astype(np.float32), count, total, total_sq)
+        return cls(kind, mean.astype(np.float32) if center else None, std.astype(np.float32), count, total, total_sq,
+                   var_sum)
+
+    def of_samples(self) -> "Stats":
+        """The statistics of posterior samples mean + exp(logvar / 2) * eps of a moments store (these are of its
+        means), exact in expectation over eps: the same mean, E[z^2] larger by the mean posterior variance."""
+        if self.var_sum is None:
+            raise ValueError("these statistics are not of a moments store (no posterior variances)")
+        return Stats.from_sums(self.kind, self.mean is not None, self.sum, self.sumsq + self.var_sum, self.count)
 
 
 def stat_shape(kind: str, latent_shape: tuple[int, int, int]) -> tuple[int, ...]:
@@ -143,21 +166,34 @@ def partial_sums(latents: np.ndarray, flips: np.ndarray, valid: np.ndarray, kind
     return total, total_sq
 
 
+def variance_sums(logvars: np.ndarray, flips: np.ndarray, valid: np.ndarray, kind: str) -> np.ndarray:
+    """float64 sum of the posterior variances exp(logvar) over the valid rows of both views, in a fixed order."""
+    axes = (0, 2, 3) if kind == "channel" else (0,)
+    rows = np.flatnonzero(valid)
+    total = np.zeros(stat_shape(kind, logvars.shape[1:]))
+    block = max(1, SUM_BLOCK_BYTES // (int(np.prod(logvars.shape[1:])) * 8))
+    for start in range(0, len(rows), block):
+        for view in (logvars, flips):
+            total += np.exp(view[rows[start : start + block]].astype(np.float64)).sum(axis=axes)
+    return total
+
+
 # --- writing -----------------------------------------------------------------------------------------
 
 
 def create_store(url: str, attrs: dict[str, Any], layout: Layout, latent_shape: tuple[int, int, int], dtype: str,
                  stats_kind: str, index: np.ndarray, labels: np.ndarray, overwrite: bool = False,
-                 feature_shape: tuple[int, int] | None = None) -> zarr.Group:
+                 feature_shape: tuple[int, int] | None = None, moments: bool = False) -> zarr.Group:
     """Create an empty store: arrays, `index`, `labels`, attributes. `overwrite` replaces what is at `url`.
-    `feature_shape` (tokens, dim): also create `features` and `features_flip`.
+    `feature_shape` (tokens, dim): also create `features` and `features_flip`. `moments`: also `logvar`,
+    `logvar_flip` and the shards' variance sums (a moments store; `latents` then hold posterior means).
 
     `ready` becomes true only after everything is in place, so a creation cut short is recognisable.
     """
     g = zarr.open_group(url, mode="w" if overwrite else "w-", attributes={**attrs, "format": FORMAT, "version": VERSION,
                                                     "ready": False, "complete": False})
     n, shard, chunk = layout.num_rows, layout.shard_rows, layout.chunk_rows
-    for name in ("latents", "latents_flip"):
+    for name in VIEWS["latents"] + (VIEWS["logvar"] if moments else ()):
         g.create_array(name, shape=(n, *latent_shape), dtype=dtype, chunks=(chunk, *latent_shape),
                        shards=(shard, *latent_shape), compressors=[ZstdCodec(level=3)], fill_value=0,
                        dimension_names=("n", "c", "h", "w"))
@@ -171,7 +207,7 @@ def create_store(url: str, attrs: dict[str, Any], layout: Layout, latent_shape: 
         g.create_array(name, shape=(n,), dtype=dt, chunks=(shard,), compressors=[ZstdCodec(level=3)],
                        fill_value=fill, dimension_names=("n",))
     sshape = stat_shape(stats_kind, latent_shape)
-    for name in ("shards/sum", "shards/sumsq"):
+    for name in ("shards/sum", "shards/sumsq") + (("shards/var_sum",) if moments else ()):
         g.create_array(name, shape=(layout.num_shards, *sshape), dtype="float64", chunks=(1, *sshape), fill_value=0)
     g.create_group("shards/done")
     g["index"][:] = index
@@ -186,23 +222,33 @@ def finished_shards(group: zarr.Group) -> set[int]:
 
 def write_shard(group: zarr.Group, layout: Layout, shard: int, latents: np.ndarray, flips: np.ndarray,
                 valid: np.ndarray, skipped: list[dict[str, Any]], stats_kind: str,
-                features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                features: tuple[np.ndarray, np.ndarray] | None = None,
+                logvars: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Write one whole shard, then record it as finished (the record goes last). `features`: (plain, mirrored) of
-    the shard's rows, for a store created with a feature shape; they are hashed into the record like the latents."""
+    the shard's rows, for a store created with a feature shape; they are hashed into the record like the latents.
+    `logvars`: (plain, mirrored) posterior log-variances, for a moments store (`latents` and `flips` are then the
+    means); hashed likewise, and their variance sums go with the shard's partial sums."""
     start, stop = layout.shard_range(shard)
     if len(latents) != stop - start:
         raise ValueError(f"shard {shard} holds rows {start}..{stop}, got {len(latents)} rows")
     if (features is not None) != ("features" in group.array_keys()):
         raise ValueError(f"shard {shard}: features {'given' if features is not None else 'missing'} for a store "
                          f"{'without' if features is not None else 'with'} feature arrays")
+    if (logvars is not None) != ("logvar" in group.array_keys()):
+        raise ValueError(f"shard {shard}: log-variances {'given' if logvars is not None else 'missing'} for a store "
+                         f"{'without' if logvars is not None else 'with'} them (a moments store)")
     arrays = {"latents": latents, "latents_flip": flips, "valid": valid}
     if features is not None:
         arrays |= dict(zip(VIEWS["features"], features))
+    if logvars is not None:
+        arrays |= dict(zip(VIEWS["logvar"], logvars))
     for name, values in arrays.items():
         group[name][start:stop] = values
     total, total_sq = partial_sums(latents, flips, valid, stats_kind)
     group["shards/sum"][shard] = total
     group["shards/sumsq"][shard] = total_sq
+    if logvars is not None:
+        group["shards/var_sum"][shard] = variance_sums(*logvars, valid, stats_kind)
     faults.point("shard")
     digests = {name: _digest(np.asarray(values, dtype=group[name].dtype)) for name, values in arrays.items()}
     group["shards/done"].create_group(f"{shard:06d}", attributes={"num_valid": int(valid.sum()), "skipped": skipped,
@@ -251,7 +297,12 @@ def finalise(group: zarr.Group, layout: Layout) -> Stats:
     for k in range(layout.num_shards):
         total += sums[k]
         total_sq += sumsqs[k]
-    stats = Stats.from_sums(ex["stats"], ex["center"], total, total_sq, 2 * int(valid.sum()) * per_row)
+    var_sum = None
+    if ex.get("moments"):
+        var_sum, var_sums = np.zeros(sums.shape[1:]), group["shards/var_sum"]
+        for k in range(layout.num_shards):
+            var_sum += var_sums[k]
+    stats = Stats.from_sums(ex["stats"], ex["center"], total, total_sq, 2 * int(valid.sum()) * per_row, var_sum)
     write_stats(group, stats)
     done = group["shards/done"]
     skipped = [s for k in range(layout.num_shards) for s in done[f"{k:06d}"].attrs["skipped"]]
@@ -264,6 +315,8 @@ def write_stats(group: zarr.Group, stats: Stats) -> None:
     arrays = {"std": stats.std, "sum": stats.sum, "sumsq": stats.sumsq}
     if stats.mean is not None:
         arrays["mean"] = stats.mean
+    if stats.var_sum is not None:
+        arrays["var_sum"] = stats.var_sum
     for name, value in arrays.items():
         group.create_array(f"stats/{name}", shape=value.shape, dtype=value.dtype, fill_value=0, overwrite=True)[...] = value
     group.create_array("stats/count", shape=(), dtype="int64", fill_value=0, overwrite=True)[...] = stats.count
@@ -336,17 +389,25 @@ class LatentStore:
         return self.attrs["tokenizer"]
 
     @property
+    def moments(self) -> bool:
+        """Whether this is a moments store: `latents` are posterior means and `logvar` their log-variances."""
+        return bool(self.attrs["extraction"].get("moments"))
+
+    @property
     def features(self) -> dict[str, Any] | None:
         """The encoder of the stored REPA features (see the module docstring), None when the store has none."""
         return self.attrs.get("features")
 
     def array(self, name: str) -> zarr.Array:
-        """One of latents, latents_flip, labels, index, valid; features, features_flip where `features` is set."""
+        """One of latents, latents_flip, labels, index, valid; features, features_flip where `features` is set;
+        logvar, logvar_flip in a moments store."""
         return self.group[name]
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows start..stop of every per-row array (read shard- or chunk-aligned blocks for speed)."""
-        return {name: self.group[name][start:stop] for name in ("latents", "latents_flip", "labels", "index", "valid")}
+        """Rows start..stop of every per-row array but the features (read shard- or chunk-aligned blocks for speed);
+        a moments store's logvar and logvar_flip too."""
+        names = ("latents", "latents_flip", "labels", "index", "valid") + (VIEWS["logvar"] if self.moments else ())
+        return {name: self.group[name][start:stop] for name in names}
 
     @property
     def stats(self) -> Stats:
@@ -359,6 +420,7 @@ class LatentStore:
             count=int(g["count"][...]),
             sum=g["sum"][...],
             sumsq=g["sumsq"][...],
+            var_sum=g["var_sum"][...] if "var_sum" in names else None,
         )
 
     def __repr__(self) -> str:
@@ -368,18 +430,22 @@ class LatentStore:
 def combined_stats(stores: list[LatentStore]) -> Stats:
     """Statistics over several stores (e.g. train shards) from their float64 sums, in store order.
 
-    For one store this is exactly that store's statistics.
+    For one store this is exactly that store's statistics. The posterior variance sums (moments stores) are combined
+    too when every store has them; `of_samples` then gives the statistics of posterior samples over all stores.
     """
     all_stats = [store.stats for store in stores]  # each read is several Zarr arrays
     first = all_stats[0]
     total, total_sq, count = np.zeros_like(first.sum), np.zeros_like(first.sumsq), 0
+    var_sum = None if any(s.var_sum is None for s in all_stats) else np.zeros_like(first.sum)
     for store, s in zip(stores, all_stats):
         if s.kind != first.kind or (s.mean is None) != (first.mean is None) or s.sum.shape != first.sum.shape:
             raise MismatchError(f"cannot combine statistics of {stores[0].url} and {store.url}: different kind, shape or centring")
         total += s.sum
         total_sq += s.sumsq
         count += s.count
-    return Stats.from_sums(first.kind, first.mean is not None, total, total_sq, count)
+        if var_sum is not None:
+            var_sum += s.var_sum
+    return Stats.from_sums(first.kind, first.mean is not None, total, total_sq, count, var_sum)
 
 
 def jsonable(value: Any) -> Any:
@@ -427,6 +493,31 @@ def check_aligned(a: LatentStore, b: LatentStore) -> None:
         raise MismatchError(f"latent stores {a.url} and {b.url} hold posterior samples drawn with the same noise seed "
                             f"({noise[0]}), so their noises are one draw, not independent; extract one of them again "
                             "with another --noise-seed")
+
+
+def check_moments(stores: list[LatentStore] | tuple[LatentStore, ...]) -> None:
+    """Refuse stores that hold no posterior moments where a latent config asks to sample from them (`posterior:
+    sample`), naming the store and the extraction command that makes a moments store of the same images."""
+    import shlex
+
+    for s in stores:
+        if s.moments:
+            continue
+        recorded = shlex.split(s.attrs.get("command") or "python -m latents.extract --tokenizer ... --data ...")
+        argv, skip = [], False
+        for a in recorded:
+            if skip:
+                skip = False
+            elif a in ("--out", "--noise-seed"):
+                skip = True
+            elif a.split("=", 1)[0] not in ("--out", "--noise-seed", "--sample-posterior", "--store-moments"):
+                argv.append(a)
+        out = f"{s.url.rstrip('/').removesuffix('.zarr')}_moments.zarr"
+        held = "posterior samples" if (s.attrs.get("extraction") or {}).get("sample_posterior") else "latents"
+        raise MismatchError(f"latent store {s.url} holds {held}, not posterior moments (mean and log-variance) to draw "
+                            f"a fresh sample from at every load, as the latent config's 'posterior: sample' asks; extract "
+                            f"a moments store: {shlex.join(argv + ['--store-moments', '--out', out])} (or set posterior: "
+                            "stored to train on these latents as they are)")
 
 
 def check_made_by(tok_info: dict[str, Any], spec: str, store: LatentStore) -> None:
