@@ -12,7 +12,15 @@ A latent config, `configs/latent/<name>.yaml` (selected by `--latent <name>`):
                                           #   images and encode them with `tokenizer` at every step instead of
                                           #   reading stores (latents/online.py); `stores`, if also given, only
                                           #   supply statistics, and one of `stats` or `stores` is required
-    multiplier: 1.0                       # x = normalised z * multiplier (LightningDiT's latent_multiplier)
+    multiplier: 1.0                       # x = normalised z * multiplier (LightningDiT's latent_multiplier);
+                                          #   normalization: none with multiplier: 0.18215 is SD-VAE's x = 0.18215 z
+    posterior: stored                     # stored: the stores' latents as they are (a moments store's means);
+                                          #   sample: a fresh posterior sample mean + exp(logvar / 2) * eps at every
+                                          #   load, from moments stores (latents.extract --store-moments), eps seeded
+                                          #   by (seed, step, position in the global batch) (latents/dataset.py);
+                                          #   normalization: store then uses the statistics of the samples
+    flips: true                           # true: each sample is the plain or the mirrored view at random (seeded by
+                                          #   (seed, step)); false: always the plain image, no flip augmentation (DDT)
     cache_dir: null                       # null: the loader caches the latents in RAM; a local folder:
                                           #   in a memory-mapped .npy there, shared by the ranks of a node
     generator: lightningdit_xl1           # configs/generator/<name>.yaml trained by default on these latents
@@ -34,15 +42,18 @@ configs/latent/sfd.yaml):
         stats: /ckpt/latents_sv_stats.pt
       - vavae                             # or a configs/latent name (or YAML path); the group is then named so
     cache_dir: null                       # as above, for every group's cache
+    flips: true                           # as above; one view index picks the view of every group
     generator: lightningdit_xl1           # as above
 
-Only `groups`, `cache_dir` and `generator` are given at the top of a composite config. Every group is a store
-config (online groups are not supported) normalised as it would be alone, by its own statistics and multiplier;
-a named config's own cache_dir and generator are not used. The stores of the groups must hold the same images in
-the same row order (extract them from one `--data` with one `--seed`; latents.dataset.latent_info checks it), and
-group i's k-th store is joined with every other group's k-th store. The first group's tokenizer decodes: with
-the first group's statistics, on its channels only (SFD decodes the texture latent); the other groups'
-tokenizers are never loaded (SFD's semantic VAE decodes to features, not images).
+Only `groups`, `cache_dir`, `flips` and `generator` are given at the top of a composite config. Every group is a
+store config (online groups are not supported) normalised as it would be alone, by its own statistics and
+multiplier, and sampled from its moments where its `posterior` is `sample` (each group with its own noise); a
+named config's own cache_dir and generator are not used, and its `flips` must equal the composite's. The stores
+of the groups must hold the same images in the same row order (extract them from one `--data` with one `--seed`;
+latents.dataset.latent_info checks it), and group i's k-th store is joined with every other group's k-th store.
+The first group's tokenizer decodes: with the first group's statistics, on its channels only (SFD decodes the
+texture latent); the other groups' tokenizers are never loaded (SFD's semantic VAE decodes to features, not
+images).
 """
 from __future__ import annotations
 
@@ -56,9 +67,11 @@ from core.config import ConfigError, named_config
 from core.images import default_workers
 
 LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "stats": None, "online": None,
-                   "multiplier": 1.0, "cache_dir": None, "generator": "lightningdit_xl1", "groups": None}
-COMPOSITE_KEYS = ("groups", "cache_dir", "generator")  # the top of a composite config
-GROUP_KEYS = ("name", "stores", "tokenizer", "normalization", "stats", "multiplier")  # the keys of a group
+                   "multiplier": 1.0, "posterior": "stored", "flips": True, "cache_dir": None,
+                   "generator": "lightningdit_xl1", "groups": None}
+COMPOSITE_KEYS = ("groups", "cache_dir", "flips", "generator")  # the top of a composite config
+GROUP_KEYS = ("name", "stores", "tokenizer", "normalization", "stats", "multiplier", "posterior")  # the keys of a group
+POSTERIOR_MODES = ("stored", "sample")
 ONLINE_DEFAULTS = {"data": None, "workers": default_workers()}
 
 
@@ -86,6 +99,8 @@ def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str 
         cfg = OmegaConf.create(OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else dict(name_or_cfg))
     _check_keys(cfg, LATENT_DEFAULTS, "latent config")
     cfg = OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS), cfg)
+    if not isinstance(cfg.flips, bool):
+        raise ConfigError(f"latent config 'flips' must be true or false, got {cfg.flips!r}")
     if cfg.groups is not None:
         return _composite(cfg, preset)
     if isinstance(cfg.stores, str):
@@ -105,6 +120,13 @@ def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str 
         raise ConfigError(f"latent config 'normalization' must be 'store' or 'none', got {cfg.normalization!r}")
     if cfg.stats and cfg.normalization == "none":
         raise ConfigError("latent config gives 'stats' but normalization is 'none'; drop one of them")
+    if cfg.posterior not in POSTERIOR_MODES:
+        close = difflib.get_close_matches(str(cfg.posterior), POSTERIOR_MODES, n=1)
+        raise ConfigError(f"latent config 'posterior' must be one of {', '.join(POSTERIOR_MODES)}, got {cfg.posterior!r}"
+                          + (f"; did you mean '{close[0]}'?" if close else ""))
+    if cfg.posterior == "sample" and cfg.online is not None:
+        raise ConfigError("latent config 'posterior: sample' draws from the posterior moments of stores (latents.extract "
+                          "--store-moments); an online source encodes the posterior mean, so drop one of them")
     if cfg.online is not None and cfg.normalization == "store" and not cfg.stats and not cfg.stores:
         raise ConfigError(
             "an online latent config needs statistics to normalise the latents it encodes: 'stats: <file>' (an RAE "
@@ -126,18 +148,19 @@ def _composite(cfg: DictConfig, preset: str | None) -> DictConfig:
     groups = []
     for i, group in enumerate(cfg.groups):
         try:
-            groups.append(_group(group, i, preset))
+            groups.append(_group(group, i, preset, cfg.flips))
         except ConfigError as e:  # say which group; the message is the group's own
             raise ConfigError(f"latent config group {i}{f' ({group})' if isinstance(group, str) else ''}: {e}") from e
     names = [g.name for g in groups]
     if len(set(names)) < len(names):
         raise ConfigError(f"latent config groups need distinct names, got {names}")
     return OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS),
-                           {"groups": groups, "cache_dir": cfg.cache_dir, "generator": cfg.generator})
+                           {"groups": groups, "cache_dir": cfg.cache_dir, "flips": cfg.flips, "generator": cfg.generator})
 
 
-def _group(group: Any, i: int, preset: str | None) -> DictConfig:
-    """Group `i`: a configs/latent name (or YAML path), or a mapping of GROUP_KEYS; only its GROUP_KEYS are kept."""
+def _group(group: Any, i: int, preset: str | None, flips: bool = True) -> DictConfig:
+    """Group `i`: a configs/latent name (or YAML path), or a mapping of GROUP_KEYS; only its GROUP_KEYS are kept.
+    `flips`: the composite's, which a named config's own must equal (one view index picks every group's view)."""
     if isinstance(group, str):
         name, loaded = Path(group).stem, load_latent_config(group, preset)
         if loaded.groups is not None:
@@ -145,10 +168,15 @@ def _group(group: Any, i: int, preset: str | None) -> DictConfig:
         if loaded.online is not None:
             raise ConfigError("it encodes online, but the groups of a composite config must be stores (online groups "
                               "are not supported)")
+        if loaded.flips != flips:
+            raise ConfigError(f"it sets flips: {str(loaded.flips).lower()}, the composite config flips: "
+                              f"{str(flips).lower()}; one view index picks the view of every group, so set 'flips' "
+                              "at the top of the composite config")
     elif isinstance(group, DictConfig):
         for key, why in (("online", "must be stores (online groups are not supported)"),
                          ("groups", "cannot be composite themselves"),
                          ("cache_dir", "take the composite config's 'cache_dir'"),
+                         ("flips", "take the composite config's 'flips'"),
                          ("generator", "take the composite config's 'generator'")):
             if group.get(key) not in (None, LATENT_DEFAULTS[key]):
                 raise ConfigError(f"it gives '{key}', but the groups of a composite config {why}")

@@ -9,7 +9,20 @@ Batches are a pure function of (seed, step) (`BatchSchedule`): the global batch 
 (plain or mirrored) is drawn from a generator seeded with (seed, k), and rank r of W takes the r-th
 of W equal slices. So a resumed run sees exactly the batches an uninterrupted one would, and
 changing the number of processes changes only how a global batch is split. The online loader
-follows the same rule over the images of its data source.
+follows the same rule over the images of its data source. With `flips: false` in the latent config every
+sample is the plain view (no flip augmentation, DDT) and only the plain views are cached (half the memory).
+
+Posterior samples (`posterior: sample`, moments stores from `latents.extract --store-moments`, DDT's recipe): the
+cache holds each row's posterior mean and log-variance, and every load draws z = mean + exp(logvar / 2) * eps
+afresh, eps from a CPU generator seeded by (seed, NOISE_STREAM, group, step, the sample's position in the global
+batch) (`posterior_noise`). At a step the position fixes the row and its view, so each draw, like the batch, is a
+pure function of (seed, step): the same on 1 or N processes and after a resume, new at every step (a row seen
+again is sampled again), distinct for two samples of one row in a step, and independent of the flow's noise
+(core.runtime.step_generators seeds by (seed, step, position)) and of the other groups of a composite. The
+normalisation then uses the statistics of the samples (latents.store.Stats.of_samples). The draws cost about 11 ms
+a step for 256 samples of 4x32x32 on one CPU core (a process draws only its share).
+`posterior: stored` (the default) over a moments store trains on its posterior means, as on a store of means,
+normalised by the means' statistics; that is said once in the log.
 
 REPA target features: with a `FeatureRequest` (`features=` of build_latent_loader), `batch(step)` returns
 `(x, y, feats)`, feats float32 [b, tokens, dim] on x's device (`feature_shape`): for a store, its
@@ -40,12 +53,15 @@ from omegaconf import DictConfig
 from core.errors import CorruptFileError, MismatchError, UnknownNameError, UserError
 from core.integrity import sha256_file
 from core.log import get_logger
+from core.runtime import derived_seed
 from latents.config import load_latent_config
 from latents.normalize import GroupedNormalizer, Normalizer, normalizer_for, official_normalizer
-from latents.store import VIEWS, LatentStore, check_aligned, check_made_by, open_stores, shard_problem
+from latents.store import VIEWS, LatentStore, check_aligned, check_made_by, check_moments, open_stores, shard_problem
 from tokenizers.encoders import ENCODERS, feature_shape
 
 log = get_logger("latents.dataset")
+
+NOISE_STREAM = 0x706F7374  # "post": keeps the posterior noise's seeds apart from every other (seed, step, ...) draw
 
 
 @dataclass(frozen=True)
@@ -128,8 +144,24 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any],
         shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
         if request is not None:
             fshape = store_feature_shape(stores, request)
+        check_posterior_mode(cfg, stores)
     check_stats_shape(cfg, shape)
     return LatentInfo(shape, num_classes, num_rows, stores, fshape, (ChannelGroup("latents", shape[0], stores),))
+
+
+_said_means: set[tuple[str | None, tuple[str, ...]]] = set()  # configs told once that they train on the means
+
+
+def check_posterior_mode(cfg: DictConfig, stores: tuple[LatentStore, ...], group: str | None = None) -> None:
+    """`posterior: sample` needs moments stores (else a MismatchError naming the command that makes one);
+    `posterior: stored` over moments stores trains on their means, which is logged."""
+    if cfg.posterior == "sample":
+        check_moments(stores)
+    elif any(s.moments for s in stores) and (group, tuple(s.url for s in stores)) not in _said_means:
+        _said_means.add((group, tuple(s.url for s in stores)))
+        log.info("%s: %s holds posterior moments and the latent config has posterior: stored, so training reads the "
+                 "posterior means (posterior: sample draws a fresh sample at every load)",
+                 f"group '{group}'" if group else "latent config", next(s.url for s in stores if s.moments))
 
 
 def check_stats_shape(cfg: DictConfig, shape: tuple[int, int, int]) -> None:
@@ -156,6 +188,7 @@ def composite_info(cfg: DictConfig, request: FeatureRequest | None) -> LatentInf
                             "not images; put the image group first (SFD: texture, then semantic)")
     for g, g_cfg in zip(groups, cfg.groups):
         check_stats_shape(g_cfg, g.stores[0].latent_shape)
+        check_posterior_mode(g_cfg, g.stores, g.name)
     for g in groups[1:]:
         if len(g.stores) != len(first.stores):
             raise MismatchError(f"latent config group '{g.name}' has {len(g.stores)} stores, group '{first.name}' "
@@ -229,7 +262,8 @@ def _features_command(store: LatentStore, request: FeatureRequest) -> str:
 class BatchSchedule:
     """The rows and views of rank `rank`'s part of the global batch of every step, a pure function of (seed, step)."""
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_rows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 flips: bool = True) -> None:
         if batch_size % world_size:
             raise UserError(f"global batch size {batch_size} is not divisible by the {world_size} processes")
         if not 0 <= rank < world_size:
@@ -237,7 +271,7 @@ class BatchSchedule:
         if num_rows == 0:
             raise UserError("the latent source holds no valid rows")
         self.num_rows, self.batch_size, self.local_batch_size = num_rows, batch_size, batch_size // world_size
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.flips = seed, rank, bool(flips)
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -247,16 +281,29 @@ class BatchSchedule:
             self._perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_rows)
         return self._perms[epoch]
 
+    def positions(self) -> np.ndarray:
+        """The positions in the global batch of this rank's samples (the same at every step), int64."""
+        return self.rank * self.local_batch_size + np.arange(self.local_batch_size)
+
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of step `step` and their views (1: mirrored), int64."""
+        """Rows of step `step` and their views (1: mirrored; all 0 when `flips` is false), int64."""
         lo = self.rank * self.local_batch_size
-        pos = step * self.batch_size + lo + np.arange(self.local_batch_size)
+        pos = step * self.batch_size + self.positions()
         epochs, offsets = np.divmod(pos, self.num_rows)
         rows = np.empty(len(pos), dtype=np.int64)
         for e in np.unique(epochs):
             rows[epochs == e] = self._perm(int(e))[offsets[epochs == e]]
+        if not self.flips:
+            return rows, np.zeros(len(pos), dtype=np.int64)
         flips = np.random.default_rng([self.seed, 1, step]).integers(0, 2, self.batch_size)[lo : lo + self.local_batch_size]
         return rows, flips
+
+
+def posterior_noise(seed: int, step: int, positions: np.ndarray, shape: tuple[int, ...], group: int = 0) -> torch.Tensor:
+    """eps [len(positions), *shape] float32 of the posterior samples of step `step`: one CPU generator per sample,
+    seeded by (seed, NOISE_STREAM, group, step, position in the global batch) (module docstring)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+        derived_seed(seed, NOISE_STREAM, group, step, int(p)))) for p in positions])
 
 
 class BatchLoader:
@@ -273,8 +320,10 @@ class BatchLoader:
     feature_shape: tuple[int, int] | None = None
 
     def __init__(self, num_rows: int, normalizer: Normalizer, batch_size: int, seed: int, rank: int, world_size: int,
-                 start_step: int, config: DictConfig | None) -> None:
-        self.schedule = BatchSchedule(num_rows, batch_size, seed, rank, world_size)
+                 start_step: int, config: DictConfig | None, flips: bool | None = None) -> None:
+        # flips: the config's `flips` (None: it, or true without a config)
+        flips = (True if config is None else bool(config.get("flips", True))) if flips is None else flips
+        self.schedule = BatchSchedule(num_rows, batch_size, seed, rank, world_size, flips)
         self.num_rows, self.normalizer, self.config = num_rows, normalizer, config  # config: for decode_latents
         self.batch_size, self.seed, self.step = batch_size, seed, start_step
 
@@ -304,31 +353,65 @@ class BatchLoader:
 
 
 class LatentLoader(BatchLoader):
-    """Batches from latent stores, cached whole (see the module docstring)."""
+    """Batches from latent stores, cached whole (see the module docstring).
+
+    `flips`: mirrored views may be drawn (None: the config's `flips`, true without one); false caches the plain views
+    only. `sample`: draw posterior samples from the stores' moments (None: the config's `posterior` is `sample`);
+    `group`: the group index of a composite config, which keeps each group's posterior noise its own."""
 
     def __init__(self, stores: list[LatentStore], normalizer: Normalizer, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, start_step: int = 0, cache_dir: str | Path | None = None,
-                 config: DictConfig | None = None, features: FeatureRequest | str | Mapping[str, Any] | None = None) -> None:
+                 config: DictConfig | None = None, features: FeatureRequest | str | Mapping[str, Any] | None = None,
+                 flips: bool | None = None, sample: bool | None = None, group: int = 0) -> None:
         self.stores = list(stores)
         self.latent_shape, self.num_classes = self.stores[0].latent_shape, self.stores[0].num_classes
         request = FeatureRequest.of(features)
         self.feature_shape = None if request is None else store_feature_shape(self.stores, request)
-        caches, labels = load_cache(self.stores, cache_dir, ("latents",) if request is None else ("latents", "features"))
-        super().__init__(len(labels), normalizer, batch_size, seed, rank, world_size, start_step, config)
-        # Row r of each: 2r plain, 2r+1 mirrored, so one index picks the same view of latents and features.
-        self._views = torch.from_numpy(caches["latents"]).view(2 * self.num_rows, *self.latent_shape)
-        self._feature_views = None if request is None else torch.from_numpy(caches["features"]).view(
-            2 * self.num_rows, *self.feature_shape)
+        if sample is None:
+            sample = config is not None and config.get("posterior") == "sample"
+        if sample:
+            check_moments(self.stores)
+        kinds = ("latents",) + (("logvar",) if sample else ()) + (("features",) if request is not None else ())
+        flips = (True if config is None else bool(config.get("flips", True))) if flips is None else flips
+        self.num_views, self.group = 2 if flips else 1, int(group)
+        caches, labels = load_cache(self.stores, cache_dir, kinds, self.num_views)
+        super().__init__(len(labels), normalizer, batch_size, seed, rank, world_size, start_step, config, flips)
+        # Row r of each: 2r plain, 2r+1 mirrored (r alone with the plain views only), so one index picks the same
+        # view of latents, log-variances and features.
+        def views_of(kind: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+            return torch.from_numpy(caches[kind]).view(self.num_views * self.num_rows, *shape) if kind in caches else None
+
+        self._views = views_of("latents", self.latent_shape)
+        self._logvar_views = views_of("logvar", self.latent_shape)
+        self._feature_views = None if request is None else views_of("features", self.feature_shape)
         self._labels = torch.from_numpy(labels)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        return self.take(*self.schedule(step))
+    @property
+    def samples_posterior(self) -> bool:
+        """Whether batches are fresh posterior samples of moments stores (`posterior: sample`)."""
+        return self._logvar_views is not None
 
-    def take(self, rows: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """(x, y) or (x, y, feats) of the given rows and views (1: mirrored)."""
-        rows_t = torch.from_numpy(rows)
-        views = 2 * rows_t + torch.from_numpy(flips)
-        out = (self.normalizer.normalize(self._views.index_select(0, views)), self._labels[rows_t])
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        return self.take(*self.schedule(step), step=step)
+
+    def take(self, rows: np.ndarray, flips: np.ndarray, step: int | None = None,
+             positions: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+        """(x, y) or (x, y, feats) of the given rows and views (1: mirrored). Posterior samples need the `step` and
+        the samples' `positions` in the global batch (default: this rank's, `BatchSchedule.positions`)."""
+        rows_t, flips_t = torch.from_numpy(rows), torch.from_numpy(flips)
+        if self.num_views == 1 and bool(flips_t.any()):
+            raise ValueError("this loader holds the plain views only (flips: false); a mirrored view was asked for")
+        views = self.num_views * rows_t + flips_t
+        z = self._views.index_select(0, views)
+        if self._logvar_views is not None:
+            if step is None:
+                raise ValueError("posterior samples are drawn per (seed, step, position): give the step")
+            positions = self.schedule.positions() if positions is None else np.asarray(positions)
+            if len(positions) != len(rows):
+                raise ValueError(f"{len(rows)} rows but {len(positions)} positions")
+            eps = posterior_noise(self.seed, step, positions, self.latent_shape, self.group)
+            z = torch.addcmul(z.float(), torch.exp(0.5 * self._logvar_views.index_select(0, views).float()), eps)
+        out = (self.normalizer.normalize(z), self._labels[rows_t])
         if self._feature_views is None:
             return out
         return *out, self._feature_views.index_select(0, views).float()
@@ -346,11 +429,14 @@ class CompositeLoader(BatchLoader):
         request = FeatureRequest.of(features)
         self.features_from = None if request is None else feature_group(groups, request)[0]
         self.groups = tuple(groups)
+        flips = True if config is None else bool(config.get("flips", True))
+        group_cfgs = list(config.groups) if config is not None else [None] * len(groups)
         self.parts = [LatentLoader(list(g.stores), part, batch_size, seed, rank, world_size, start_step, cache_dir, None,
-                                   request if i == self.features_from else None)
-                      for i, (g, part) in enumerate(zip(groups, normalizer.parts))]
+                                   request if i == self.features_from else None, flips=flips,
+                                   sample=g_cfg is not None and g_cfg.get("posterior") == "sample", group=i)
+                      for i, (g, part, g_cfg) in enumerate(zip(groups, normalizer.parts, group_cfgs))]
         first = self.parts[0]
-        super().__init__(first.num_rows, normalizer, batch_size, seed, rank, world_size, start_step, config)
+        super().__init__(first.num_rows, normalizer, batch_size, seed, rank, world_size, start_step, config, flips)
         self.stores = [s for g in groups for s in g.stores]
         self.latent_shape = (sum(p.latent_shape[0] for p in self.parts), *first.latent_shape[1:])
         self.num_classes = first.num_classes
@@ -358,18 +444,21 @@ class CompositeLoader(BatchLoader):
 
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         rows, flips = self.schedule(step)  # the same rows and views for every group
-        outs = [part.take(rows, flips) for part in self.parts]
+        outs = [part.take(rows, flips, step) for part in self.parts]  # each group draws its own posterior noise
         x, y = torch.cat([o[0] for o in outs], dim=1), outs[0][1]
         return (x, y) if self.features_from is None else (x, y, outs[self.features_from][2])
 
 
-def load_cache(stores: list[LatentStore], cache_dir: str | Path | None,
-               kinds: tuple[str, ...] = ("latents",)) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """All valid rows, both views, of each kind ("latents": [rows, 2, C, h, w]; "features": [rows, 2, tokens, dim]),
-    and the labels int64 [rows]; in RAM, or memory-mapped under cache_dir (one file per kind, built once)."""
+def load_cache(stores: list[LatentStore], cache_dir: str | Path | None, kinds: tuple[str, ...] = ("latents",),
+               views: int = 2) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """All valid rows, both views, of each kind ("latents": [rows, 2, C, h, w]; "features": [rows, 2, tokens, dim];
+    "logvar" of a moments store as "latents"), and the labels int64 [rows]; in RAM, or memory-mapped under cache_dir
+    (one file per kind, built once). `views=1`: the plain views only ([rows, 1, ...], latent configs with flips: false)."""
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 (plain) or 2 (plain and mirrored), got {views}")
     rows = sum(s.num_valid for s in stores)
     dtypes = {k: np.result_type(*[s.array(VIEWS[k][0]).dtype for s in stores]) for k in kinds}
-    shapes = {k: (rows, 2, *stores[0].array(VIEWS[k][0]).shape[1:]) for k in kinds}
+    shapes = {k: (rows, views, *stores[0].array(VIEWS[k][0]).shape[1:]) for k in kinds}
     nbytes = {k: int(np.prod(shapes[k])) * dtypes[k].itemsize for k in kinds}
     if cache_dir is None:
         import psutil
@@ -383,7 +472,7 @@ def load_cache(stores: list[LatentStore], cache_dir: str | Path | None,
         fill_cache(stores, caches, labels)
         return caches, labels
     key = hashlib.sha1(json.dumps([[s.url, s.attrs["created"], s.num_rows] for s in stores]).encode()).hexdigest()[:16]
-    paths = {k: Path(cache_dir) / f"{k}-{key}.npy" for k in kinds}
+    paths = {k: Path(cache_dir) / f"{k}{'-plain' if views == 1 else ''}-{key}.npy" for k in kinds}
     labels_path = paths["latents"].with_suffix(".labels.npy")  # written with the latents' file, before its rename
     missing = [k for k in kinds if not paths[k].is_file()]
     if missing:  # concurrent builders each write temporary files; the last rename wins
@@ -406,12 +495,13 @@ def load_cache(stores: list[LatentStore], cache_dir: str | Path | None,
 
 
 def fill_cache(stores: list[LatentStore], caches: dict[str, np.ndarray], labels: np.ndarray) -> None:
-    """Copy the valid rows of each store into the cache of each kind (VIEWS: its plain and mirrored arrays), shard
-    by shard (whole-shard reads are the fast way through Zarr), checking what is read against the shard's hashes."""
+    """Copy the valid rows of each store into the cache of each kind (VIEWS: its plain and mirrored arrays; the
+    plain alone where the cache holds one view), shard by shard (whole-shard reads are the fast way through Zarr),
+    checking what is read against the shard's hashes."""
     at = 0
     for store in stores:
         layout = store.layout
-        arrays = {n: store.array(n) for k in caches for n in VIEWS[k]} | {"valid": store.array("valid")}
+        arrays = {n: store.array(n) for k, c in caches.items() for n in VIEWS[k][: c.shape[1]]} | {"valid": store.array("valid")}
         lab = store.array("labels")
         for k in range(layout.num_shards):
             start, stop = layout.shard_range(k)
@@ -427,9 +517,8 @@ def fill_cache(stores: list[LatentStore], caches: dict[str, np.ndarray], labels:
             keep = block["valid"]
             n = int(keep.sum())
             for kind, cache in caches.items():
-                plain, mirrored = VIEWS[kind]
-                cache[at : at + n, 0] = block[plain][keep]
-                cache[at : at + n, 1] = block[mirrored][keep]
+                for v in range(cache.shape[1]):  # 0: plain, 1: mirrored
+                    cache[at : at + n, v] = block[VIEWS[kind][v]][keep]
             labels[at : at + n] = lab[start:stop][keep]
             at += n
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from core.checkpoint import load_torch_weights
 from core.errors import UserError
-from latents.store import LatentStore, Stats, combined_stats, open_stores
+from latents.store import LatentStore, Stats, check_moments, combined_stats, open_stores
 
 
 class Normalizer:
@@ -101,7 +101,8 @@ def official_normalizer(cfg: DictConfig) -> Normalizer:
 
 
 def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = None) -> Normalizer | GroupedNormalizer:
-    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`).
+    """`stats` if given, else the stores' combined statistics (`stores` opened already, or those of `cfg`); with
+    `posterior: sample`, those of the posterior samples (latents.store.Stats.of_samples), exact in expectation.
 
     A composite config (`groups`) gets a GroupedNormalizer, each group's as if it were alone; `stores` are then
     every group's, in group order (LatentInfo.stores)."""
@@ -118,4 +119,8 @@ def normalizer_for(cfg: DictConfig, stores: tuple[LatentStore, ...] | None = Non
     if cfg.stats:
         return official_normalizer(cfg)
     stores = open_stores(cfg.stores) if stores is None else stores
-    return Normalizer.from_stats(combined_stats(list(stores)), cfg.multiplier)
+    stats = combined_stats(list(stores))
+    if cfg.get("posterior") == "sample":  # fresh posterior samples: their statistics, not the stored means'
+        check_moments(stores)
+        stats = stats.of_samples()
+    return Normalizer.from_stats(stats, cfg.multiplier)
