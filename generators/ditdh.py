@@ -12,6 +12,13 @@ a linear REPA projector ``repa_projector`` on the encoder tokens after block ``r
 internal-guidance head ``base_final_layer`` after encoder block ``base_model_depth``, conditioned as the
 head is: per token, on SiLU(t_emb + tokens), which are also its input, zero-initialised.
 
+Encoder sharing (DESIGN §3, ``generators/sharing.py``). The state is the head's per-token condition
+s_projector(SiLU(t_emb + encoder tokens)) [B, T, head width]: everything the head reads besides its own embed of
+x_t. ``return_state=True`` returns it last; a given ``state`` skips the time and label embedders, the encoder's
+patch embed and every encoder block, and runs only the head (``x_embedder``, head blocks, final layer). The cut is
+after the projector, as DDT's is after SiLU(t_emb + s): the head then depends on the time only through the state,
+so a reused state carries the time of the evaluation that made it (as DDT's does).
+
 Time convention. RAE trains with t_rae = 0 at the data and 1 at the noise,
 x_t = (1 - t_rae) x + t_rae eps, and regresses eps - x. A network trained that way is a fixed
 function of t_rae, so the conversion to our convention (DESIGN §3: t = 0 noise, t = 1 data,
@@ -94,6 +101,7 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
     """
 
     official_name = "DiT^DH"
+    has_state = True  # forward takes ``state`` and ``return_state`` (encoder sharing)
 
     def __init__(
         self,
@@ -185,12 +193,41 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
         force_drop_ids: torch.Tensor | None = None,
         return_ig: bool = False,
         return_repa: bool = False,
+        state: torch.Tensor | None = None,
+        return_state: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Velocity x - eps for x_t [B, C, H, W] at our times t [B] (0 = noise) with labels y [B].
 
         ``force_drop_ids``: samples whose label is replaced by the null class. ``return_ig``: also the IG head's
         velocity v_mid; ``return_repa``: also the projected encoder tokens (layers.pack_outputs).
+        ``return_state``: also the head's condition [B, T, head width], last in the tuple. ``state``: such a
+        condition (from this or an earlier evaluation); the encoder is skipped, so ``t``, ``y`` and
+        ``force_drop_ids`` are not read, and ``return_ig``/``return_repa`` (which need the encoder) are refused.
         """
+        if state is not None:
+            if return_ig or return_repa:
+                raise UserError("DiT^DH: a given state skips the encoder, so return_ig/return_repa (the IG head's "
+                                "velocity, the REPA tokens: both read encoder blocks) cannot be computed with it")
+            want = (x.shape[0], x.shape[2] * x.shape[3], self.x_embedder.proj.out_channels)
+            if tuple(state.shape) != want:
+                raise ValueError(f"DiT^DH: state of shape {tuple(state.shape)}, expected {want} for x {tuple(x.shape)}")
+            s = state
+        else:
+            s, v_mid, repa = self._encode(x, t, y, force_drop_ids, return_ig, return_repa)
+        h = self.x_embedder(x)
+        for i in range(self.num_encoder_blocks, len(self.blocks)):
+            h = run_block(self.blocks[i], h, s, self.dec_feat_rope, self.use_checkpoint)
+        v = self._velocity(self.final_layer(h, s))
+        if state is not None:
+            return (v, s) if return_state else v
+        out = pack_outputs(v, v_mid, repa, return_ig, return_repa)
+        if not return_state:
+            return out
+        return (*out, s) if isinstance(out, tuple) else (out, s)
+
+    def _encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None,
+                return_ig: bool, return_repa: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The head's condition (the state), and v_mid / REPA tokens when asked for."""
         # Our t (0 = noise) -> the network's t_rae = 1 - t (0 = data); see the module docstring.
         t_emb = self.t_embedder(1 - t)
         c = F.silu(t_emb + self.y_embedder(y, force_drop_ids))
@@ -207,11 +244,7 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
                 repa = self.repa_projector(s)
         # The head's per-token condition carries the time again; the label only through the encoder.
         # Contiguous as the official tensor is, so that the projection rounds identically.
-        s = self.s_projector(F.silu(t_emb[:, None] + s).contiguous())
-        h = self.x_embedder(x)
-        for i in range(self.num_encoder_blocks, len(self.blocks)):
-            h = run_block(self.blocks[i], h, s, self.dec_feat_rope, self.use_checkpoint)
-        return pack_outputs(self._velocity(self.final_layer(h, s)), v_mid, repa, return_ig, return_repa)
+        return self.s_projector(F.silu(t_emb[:, None] + s).contiguous()), v_mid, repa
 
     @staticmethod
     def _velocity(tokens: torch.Tensor) -> torch.Tensor:
