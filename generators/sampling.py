@@ -5,7 +5,9 @@ and guidance bound, see ``guidance.py``). The time grid is LightningDiT's: ``ste
 points ``linspace(0, 1, steps)``, optionally shifted (``flow.shift_time``), so there are
 ``steps - 1`` intervals and t = 1 is never given to the model by Euler; the official
 setting "250 steps" is ``steps=250`` (249 model evaluations). Codes that count intervals
-instead (JiT/WiT "50 Heun steps" = linspace(0, 1, 51)) need ``steps = intervals + 1``.
+instead (JiT/WiT "50 Heun steps" = linspace(0, 1, 51)) need ``steps = intervals + 1``. DDT's grid ends in a short last interval: ``last_step`` gives
+linspace(0, 1 - last_step, steps - 1) followed by 1.0 (its "250 steps" are ``steps=251,
+last_step=0.04``: 250 evaluations), shifted afterwards as DDT shifts its whole grid.
 
 Seeds: ``initial_noise`` draws each sample's noise from its own generator, seeded from
 (seed, global sample index), so a sample does not depend on the batch size or on the
@@ -20,17 +22,36 @@ import torch
 from core.runtime import derived_seed
 from generators.flow import shift_time
 
-__all__ = ["DenoiseFn", "time_grid", "sample", "sample_generators", "initial_noise", "METHODS"]
+__all__ = ["DenoiseFn", "time_grid", "evaluations", "sample", "sample_generators", "initial_noise", "METHODS"]
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("euler", "heun", "heun2", "euler_maruyama")
 
 
-def time_grid(steps: int, shift: float = 0.0) -> torch.Tensor:
-    """float32 [steps]: linspace(0, 1, steps) mapped through ``shift_time`` (s <= 0: unshifted)."""
+def time_grid(steps: int, shift: float = 0.0, last_step: float | None = None) -> torch.Tensor:
+    """float32 [steps]: linspace(0, 1, steps), or with ``last_step`` linspace(0, 1 - last_step, steps - 1) then 1.0
+    (DDT's), mapped through ``shift_time`` (s <= 0: unshifted)."""
     if steps < 2:
         raise ValueError(f"the time grid needs at least 2 points, got steps={steps}")
-    return shift_time(torch.linspace(0, 1, steps), shift)
+    if last_step is None:
+        grid = torch.linspace(0, 1, steps)
+    else:
+        if not 0 < last_step < 1:
+            raise ValueError(f"last_step must lie in (0, 1), got {last_step}")
+        if steps == 2:  # one interval: it is the last one, [0, 1] (DDT's code does the same for one step)
+            grid = torch.tensor([0.0, 1.0])
+        else:
+            grid = torch.cat([torch.linspace(0, 1 - last_step, steps - 1), torch.ones(1)])
+    return shift_time(grid, shift)
+
+
+def evaluations(steps: int, method: str) -> int:
+    """How many times ``sample`` calls the velocity field on a grid of ``steps`` points."""
+    n = steps - 1
+    counts = {"euler": n, "euler_maruyama": n, "heun": 2 * n - 1, "heun2": 2 * n}
+    if method not in counts:
+        raise ValueError(f"unknown sampling method {method!r}; choose from {METHODS}")
+    return counts[method]
 
 
 def sample_generators(indices: Sequence[int], seed: int, stream: int = 0) -> list[torch.Generator]:
@@ -115,8 +136,9 @@ def sample(
     shift: float = 0.0,
     generators: Sequence[torch.Generator] | None = None,
     span: float = 1.0,
+    last_step: float | None = None,
 ) -> torch.Tensor:
-    """Integrate from noise z (t = 0) to t = 1 on ``time_grid(steps, shift)``.
+    """Integrate from noise z (t = 0) to t = 1 on ``time_grid(steps, shift, last_step)``.
 
     ``span``: the grid is scaled to [0, span] (SFD's τ runs to 1 + Δ; the ODE methods only).
 
@@ -125,7 +147,7 @@ def sample(
     its noise comes from ``generators``, one per sample, e.g. ``sample_generators(indices,
     seed, stream=1)``, or from the global RNG when None).
     """
-    grid = time_grid(steps, shift).to(z.device) * span
+    grid = time_grid(steps, shift, last_step).to(z.device) * span
     if span != 1.0 and method == "euler_maruyama":
         raise ValueError("the SDE sampler integrates t over [0, 1] only")
     if method == "euler":
