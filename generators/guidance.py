@@ -19,6 +19,12 @@ final velocity and the head's, ``model(x, t, y, return_ig=True) -> (v, v_mid)``,
 them into v_mid + w (v - v_mid) (w = 1: v itself) on its own time interval. It is applied first, to every
 branch the model computes (both halves of the CFG batch), then CFG and AutoGuidance act on the result, as the
 official sampler does; ``ig_scale=1`` switches it off (and skips the head).
+
+Encoder sharing (``sharing.py``) wraps the models these functions call, not the functions: each call is
+``model(x, t, y)`` (or ``return_ig=True``), and the wrapper tells the branches apart by their rows' labels (the
+null class is the unconditional half). ``cfg``'s batch [cond ; uncond] therefore carries one state over both halves
+and its conditional-only calls (outside the interval) the conditional state; AutoGuidance's guide is its own
+wrapped model with its own state; Internal Guidance cannot be served by a reused state and is refused with sharing.
 """
 from __future__ import annotations
 
