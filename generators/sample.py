@@ -10,12 +10,18 @@ writes an ADM-format `.npz` (`arr_0` uint8 NHWC, `arr_1` labels) plus a PNG grid
 Sample i depends only on (seed, i): the result does not depend on the batch size or the number
 of processes (`torchrun --nproc_per_node K -m generators.sample ...` splits the work). Chunks
 are written as they finish, so an interrupted run resumes.
+
+Encoder sharing (`sample.share`, generators/sharing.py): an encoder-decoder model (DiT^DH, DDT) reuses its encoder's
+output between the recompute evaluations of a uniform or DP schedule; the DP's template pass runs once per run. The
+record beside the samples (`sharing`) gives the schedule, the encoder and decoder evaluations per sample and the
+sampling wall time of this invocation (the template pass timed apart), with or without sharing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import time
 from typing import Any, Callable
 from pathlib import Path
 
@@ -26,19 +32,19 @@ from omegaconf import DictConfig, OmegaConf
 from core import cli
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.cli import UsageError
-from core.config import apply_overrides, compose, parse_overrides, split_cli, to_dict
-from core.errors import CorruptFileError, MismatchError
+from core.config import CONFIG_DIR, apply_overrides, compose, load_yaml, parse_overrides, split_cli, to_dict
+from core.errors import CorruptFileError, MismatchError, UserError
 from core.integrity import problem, sha256_file, write_recorded
 from core.lock import WriterLock
 from core.log import get_logger
 from core.provenance import code_version, provenance_file
 from core.runtime import checkpoint_problems, keep_setup, latest_checkpoint, make_accelerator, progress
 from core.samples import save_npz, save_samples_npz, to_uint8
-from generators import sfd
+from generators import sfd, sharing
 from generators.guidance import cfg as cfg_guidance
 from generators.guidance import conditional, guided
 from generators.registry import build_generator, run_config
-from generators.sampling import DenoiseFn, initial_noise, sample, sample_generators
+from generators.sampling import DenoiseFn, evaluations, initial_noise, sample, sample_generators
 from latents.config import load_latent_config
 from latents.decode import latent_decoder
 
@@ -65,7 +71,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
         config = Path(args.run) / "config.yaml"
         if not config.is_file():
             raise FileNotFoundError(f"--run {args.run}: not a generator run folder ({config} is missing)")
-        cfg = run_config(config)
+        cfg = with_new_sample_keys(run_config(config))
         apply_overrides(cfg, parse_overrides(overrides), "the sampling command line")
     elif args.official:
         if not args.latent:
@@ -76,6 +82,16 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     if args.latent:
         cfg.latent = args.latent
     return args, cfg
+
+
+def with_new_sample_keys(cfg: DictConfig) -> DictConfig:
+    """A run config saved before `sample.last_step` and `sample.share` existed gets their defaults (off), so that
+    its samples can set them."""
+    base = load_yaml(CONFIG_DIR / "generator" / "base.yaml").sample
+    for key in ("last_step", "share"):
+        if key not in cfg.sample:
+            cfg.sample[key] = base[key]
+    return cfg
 
 
 def generator_config(latent: str, preset: str | None, overrides: list[str]) -> DictConfig:
@@ -161,29 +177,90 @@ def labels_for(num: int, num_classes: int, how: str, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, num_classes, size=num)
 
 
+def _trajectory_key(s: DictConfig, shape: tuple[int, ...], device: torch.device) -> tuple:
+    """What a sampling trajectory depends on besides the weights, noise and labels: the key of a cached schedule."""
+    settings = {k: v for k, v in to_dict(s).items() if k not in ("share", "seed") and not k.startswith("grid_")}
+    return (json.dumps(settings, sort_keys=True, default=str), tuple(shape), str(device), torch.is_autocast_enabled())
+
+
+def share_schedule(model: torch.nn.Module, guide: torch.nn.Module | None, s: DictConfig, shape: tuple[int, ...],
+                   device: torch.device) -> dict[str, Any]:
+    """`sharing.schedule_for` the settings `s`: {"schedule": recompute evaluations or None, "template": ...}. The
+    DP's template pass samples `s.share.template` noises and random labels of `s.share.template_seed` with the
+    run's sampler and guidance, every evaluation computed; cached per model, guide and settings."""
+    n = evaluations(s.steps, s.method)
+
+    def run_template(plan: sharing.Sharing) -> None:
+        count, seed = int(s.share.template), int(s.share.template_seed)
+        y = torch.randint(0, model.num_classes, (count,), generator=torch.Generator().manual_seed(seed)).to(device)
+        z = initial_noise(range(count), shape, seed, device)
+        fn = plan.denoise(denoise_fn(plan.wrap(model), y, s, plan.wrap(guide, "guide")))
+        sample(fn, z, s.steps, s.method, s.shift, generators=sample_generators(range(count), seed, stream=1),
+               last_step=s.get("last_step"))
+
+    return sharing.schedule_for(model, guide, s, n, run_template, _trajectory_key(s, shape, device))
+
+
+def _sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], shape: tuple[int, ...], s: DictConfig,
-                   device: torch.device, guide: torch.nn.Module | None = None) -> torch.Tensor:
-    """Latents of the samples `indices` (their noise is seeded per index) with labels `y`, by the settings `s`."""
+                   device: torch.device, guide: torch.nn.Module | None = None,
+                   record: sharing.Record | None = None) -> torch.Tensor:
+    """Latents of the samples `indices` (their noise is seeded per index) with labels `y`, by the settings `s`
+    (encoder sharing by `s.share` included). `record`: gets the evaluation counts and the sampling wall time."""
     z = initial_noise(indices, shape, s.seed, device)
+    sharing.check(model, s)
+    start = time.perf_counter()
     if sfd.is_semantic_first(model):
-        return sfd.sample(sfd.guided_velocity(model, y, s, guide), z, model.semfirst_delta_t,
-                          model.in_channels - model.semantic_chans, s.steps, s.method, s.shift,
-                          s.get("atol", 1e-6), s.get("rtol", 1e-3))
-    gens = sample_generators(indices, s.seed, stream=1)  # the SDE's per-step noise, per sample
-    return sample(denoise_fn(model, y, s, guide), z, s.steps, s.method, s.shift, generators=gens)
+        if s.get("last_step") is not None:
+            raise UserError("sample.last_step: semantic-first (SFD) sampling integrates its own grid over [0, 1 + delta]; "
+                            "set it to null")
+        out = sfd.sample(sfd.guided_velocity(model, y, s, guide), z, model.semfirst_delta_t,
+                         model.in_channels - model.semantic_chans, s.steps, s.method, s.shift,
+                         s.get("atol", 1e-6), s.get("rtol", 1e-3))
+        plan = sharing.Sharing(None, 0)
+    else:
+        plan = sharing.Sharing(share_schedule(model, guide, s, shape, device)["schedule"], evaluations(s.steps, s.method))
+        start = time.perf_counter()  # after the template pass, if this call ran it
+        gens = sample_generators(indices, s.seed, stream=1)  # the SDE's per-step noise, per sample
+        fn = plan.denoise(denoise_fn(plan.wrap(model), y, s, plan.wrap(guide, "guide")))
+        out = sample(fn, z, s.steps, s.method, s.shift, generators=gens, last_step=s.get("last_step"))
+    if record is not None:
+        _sync(device)
+        record.add(plan, len(indices), time.perf_counter() - start)
+    return out
+
+
+def sharing_record(model: torch.nn.Module, guide: torch.nn.Module | None, cfg: DictConfig,
+                   device: torch.device) -> sharing.Record:
+    """The sharing plan of a sampling command, made once before its first part (the DP's template pass runs here,
+    timed apart), as the record its batches add to. Refuses a model that cannot share, naming its family."""
+    s = cfg.sample
+    mode = sharing.check(model, s, family=f"model.family={cfg.model.family}")
+    if sfd.is_semantic_first(model):
+        return sharing.Record(mode, None, None, to_dict(s.get("share")) if s.get("share") is not None else None)
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    plan = share_schedule(model, guide, s, shape, device)
+    if plan["schedule"] is not None:
+        log.info("encoder sharing (%s): %d of %d evaluations compute the state: %s", mode, len(plan["schedule"]),
+                 evaluations(s.steps, s.method), plan["schedule"])
+    return sharing.Record(mode, plan, evaluations(s.steps, s.method), to_dict(s.share) if s.get("share") is not None else None)
 
 
 def sample_chunk(model, cfg: DictConfig, decode: Callable[[torch.Tensor], torch.Tensor], indices: np.ndarray,
                  labels: np.ndarray, batch_size: int, device: torch.device,
-                 guide: torch.nn.Module | None = None) -> np.ndarray:
+                 guide: torch.nn.Module | None = None, record: sharing.Record | None = None) -> np.ndarray:
     """uint8 images of the samples `indices`; `decode` from latents.decode.latent_decoder."""
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     out = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
         y = torch.as_tensor(labels[idx], device=device)
-        out.append(to_uint8(decode(sample_latents(model, y, idx.tolist(), shape, cfg.sample, device, guide))))
+        out.append(to_uint8(decode(sample_latents(model, y, idx.tolist(), shape, cfg.sample, device, guide, record))))
     return np.concatenate(out)
 
 
@@ -232,6 +309,7 @@ def main(argv: list[str]) -> None:
     model = load_model(args, cfg, ckpt).to(acc.device)
     guide = load_guide(cfg)
     guide = guide.to(acc.device) if guide is not None else None
+    sharing.check(model, cfg.sample, family=f"model.family={cfg.model.family}")  # before any sampling
     provenance = sample_provenance(args, cfg, ckpt) if acc.is_main_process else None
     decode = latent_decoder(load_latent_config(cfg.latent, cfg.get("preset")))
     labels = labels_for(args.num, cfg.model.num_classes, args.labels, cfg.sample.seed)
@@ -241,6 +319,7 @@ def main(argv: list[str]) -> None:
                                           "weights": args.official or str(ckpt)},
                    "the parts of an interrupted sampling run", "run it with the same settings to finish it, or delete the folder")
     acc.wait_for_everyone()
+    record = sharing_record(model, guide, cfg, acc.device)  # the DP's template pass, once
     starts = list(range(0, args.num, args.part_size))
     mine = [s for k, s in enumerate(starts) if k % acc.num_processes == acc.process_index]
     for start in progress(mine, desc="sample", enabled=acc.is_main_process):
@@ -250,7 +329,7 @@ def main(argv: list[str]) -> None:
         if part.is_file():
             log.warning("sampling part again: %s", why)
         images = sample_chunk(model, cfg, decode, np.arange(start, min(start + args.part_size, args.num)), labels,
-                              args.batch_size, acc.device, guide)
+                              args.batch_size, acc.device, guide, record)
         write_recorded(part, lambda tmp: save_npz(tmp, images=images))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -258,7 +337,8 @@ def main(argv: list[str]) -> None:
         images = np.concatenate([np.load(parts / f"{s:08d}.npz")["images"] for s in starts])
         save_samples_npz(out, images, labels)
         with atomic_path(provenance_file(out)) as tmp:  # before the parts go: a crash here resumes
-            tmp.write_text(json.dumps({**provenance, "samples_sha256": sha256_file(out)}, indent=2))
+            tmp.write_text(json.dumps({**provenance, "sharing": record.summary(), "samples_sha256": sha256_file(out)},
+                                      indent=2))
         save_grid(images, labels, cfg.model.num_classes, out.with_suffix(".png"))
         shutil.rmtree(parts)
         lock.release()
