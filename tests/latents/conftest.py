@@ -42,6 +42,19 @@ class TinyTokenizer(Tokenizer):
         return F.interpolate(rgb, scale_factor=self.downsample, mode="nearest")
 
 
+class NoPosterior(Tokenizer):
+    """A tokenizer without a posterior (average pooling): what posterior sampling and moments stores refuse."""
+
+    latent_channels, downsample = 3, 8
+
+    def __init__(self):
+        super().__init__()
+        self.config = {}
+
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        return F.avg_pool2d(images, 8)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> TinyTokenizer:
     return TinyTokenizer().eval()

@@ -21,7 +21,9 @@ from latents.decode import decode_latents
 from core.data import load_data_config
 from latents.extract import ExtractSettings, StrictError, extract, log_path, main
 from tokenizers.base import open_tokenizer
-from tokenizers.base import Tokenizer, describe
+from tokenizers.base import describe
+
+from conftest import NoPosterior
 
 SYNTH = ["--data", "synthetic", "data.num_images=256", "data.image_size=32", "--batch-size", "8", "--shard-size", "8",
          "--workers", "0", "--sample-posterior", "--seed", "3"]
@@ -264,16 +266,6 @@ def test_posterior_samples_are_seeded_per_row_not_per_batch(tmp_path, tiny_token
 
 
 def test_sampling_needs_a_posterior(tmp_path):
-    class NoPosterior(Tokenizer):
-        latent_channels, downsample = 3, 8
-
-        def __init__(self):
-            super().__init__()
-            self.config = {}
-
-        def encode(self, images, sample=False):
-            return torch.nn.functional.avg_pool2d(images, 8)
-
     tok = NoPosterior()
     with pytest.raises(ValueError, match="no posterior"):
         extract(tok, describe(tok), SyntheticSource(4, 16), {"image_size": 16}, str(tmp_path / "x.zarr"),

@@ -16,7 +16,9 @@ from latents.dataset import NOISE_STREAM, LatentLoader, build_latent_loader, lat
 from latents.decode import decode_latents
 from latents.extract import ExtractSettings, extract, main as extract_main
 from latents.normalize import Normalizer
-from tokenizers.base import Tokenizer, describe
+from tokenizers.base import describe
+
+from conftest import NoPosterior
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (2, 2, 2)
@@ -120,16 +122,6 @@ def test_the_command_line_flag_and_resume_with_the_new_arrays(tmp_path, vavae_fo
 
 def test_a_tokenizer_without_a_posterior_is_refused(tmp_path, capsys):
     from core import cli
-
-    class NoPosterior(Tokenizer):
-        latent_channels, downsample = 3, 8
-
-        def __init__(self):
-            super().__init__()
-            self.config = {}
-
-        def encode(self, images, sample=False):
-            return torch.nn.functional.avg_pool2d(images, 8)
 
     tok = NoPosterior()
     with pytest.raises(UserError, match="--store-moments: .* no posterior .*families with one: .*sdvae.*vavae"):
