@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
+from collections import OrderedDict
 import os
 import shutil
 import tempfile
@@ -11,7 +13,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.errors import StateDictMismatch
+from core.errors import StateDictMismatch, UserError
 from core import faults
 
 
@@ -54,14 +56,40 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# The only globals beyond torch's weights-only defaults that a Lightning checkpoint may need: Lightning's
+# AttributeDict (a dict subclass holding ``hyper_parameters``), under the names Lightning has used, read as a plain
+# OrderedDict (no Lightning code is imported or run; the weights-only unpickler fills only plain dict types).
+# Anything else (functools.partial, a user's class) is refused.
+LIGHTNING_SAFE_GLOBALS = [(OrderedDict, name) for name in (
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+)]
+
+
 def load_torch_weights(path: str | Path) -> dict:
-    """Load an official `.pt`/`.ckpt` release without executing pickled code."""
+    """An official `.pt`/`.ckpt` release (a Lightning `.ckpt` too) or a `.safetensors` state dict, read without
+    running pickled code: ``torch.load(weights_only=True)`` with ``LIGHTNING_SAFE_GLOBALS`` allowed. A file that needs
+    any other global is refused with a UserError naming the globals."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001  (not a zip checkpoint: torch's own message says what it met)
+            needed = []
+        allowed = {name for _, name in LIGHTNING_SAFE_GLOBALS}
+        names = [g for g in needed if g not in allowed] or [str(e).split("Unsupported global: ")[-1].split(" was")[0]]
+        raise UserError(
+            f"{path}: loading it would need unpickling {', '.join(names)}, which can run code; refused (only "
+            "tensors, plain containers and Lightning's AttributeDict are read). If you trust the file, extract "
+            "ckpt['state_dict'] where it can be unpickled and save that (torch.save or safetensors)") from e
 
 
 def check_keys(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:

@@ -41,16 +41,13 @@ Two optional parts, ours:
 from __future__ import annotations
 
 import logging
-import pickle
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from core.checkpoint import check_keys
+from core.checkpoint import check_keys, load_torch_weights
 from core.errors import MismatchError, StateDictMismatch, UnknownNameError, UserError
 from generators.layers import (
     Attention,
@@ -182,42 +179,6 @@ class DDTFinalLayer(FinalLayer):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__(hidden_size, patch_size, out_channels, use_rmsnorm=False)
         self.adaLN_modulation = adaln_linear(hidden_size, 2)
-
-
-# The only globals beyond torch's weights-only defaults that a Lightning checkpoint may need: Lightning's
-# AttributeDict (a dict subclass holding ``hyper_parameters``), under the names Lightning has used, read as a plain
-# OrderedDict (no Lightning code is imported or run; the weights-only unpickler fills only plain dict types).
-# Anything else (functools.partial, a user's class) is refused.
-LIGHTNING_SAFE_GLOBALS = [(OrderedDict, name) for name in (
-    "lightning.fabric.utilities.data.AttributeDict",
-    "lightning.pytorch.utilities.parsing.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-)]
-
-
-def load_lightning_checkpoint(path: str | Path) -> dict:
-    """An official DDT ``.ckpt`` (or any torch file, or a ``.safetensors`` state dict), read without running
-    pickled code: ``torch.load(weights_only=True)`` with ``LIGHTNING_SAFE_GLOBALS`` allowed. A file that needs
-    any other global is refused with a UserError naming the globals."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        try:
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # noqa: BLE001  (not a zip checkpoint: torch's own message says what it met)
-            needed = []
-        allowed = {name for _, name in LIGHTNING_SAFE_GLOBALS}
-        names = [g for g in needed if g not in allowed] or [str(e).split("Unsupported global: ")[-1].split(" was")[0]]
-        raise UserError(
-            f"{path}: loading it would need unpickling {', '.join(names)}, which can run code; refused (only "
-            "tensors, plain containers and Lightning's AttributeDict are read). If you trust the file, extract "
-            "ckpt['state_dict'] where it can be unpickled and save that (torch.save or safetensors)") from e
 
 
 def denoiser_state_dict(ckpt: dict, ema: bool = True, with_projector: bool = False,
@@ -450,9 +411,9 @@ class DDT(nn.Module, OfficialCheckpointMixin):
     def load_official(cls, path: str | Path, size: str = "XL/2", ema: bool = True, **overrides) -> "DDT":
         """Build ``size`` with the released options (+ constructor-keyword ``overrides``, e.g. ``input_size=64``
         for the 512 px release, ``align_layer=8`` to keep the REPA projector) and load an official ``.ckpt``
-        (``load_lightning_checkpoint``: weights only, never pickled code). Returns the model in eval mode."""
+        (``core.checkpoint.load_torch_weights``: weights only, never pickled code). Returns the model in eval mode."""
         model = build_ddt(size, **overrides)
-        model.load_official_state_dict(load_lightning_checkpoint(path), ema=ema)
+        model.load_official_state_dict(load_torch_weights(path), ema=ema)
         return model.eval()
 
 

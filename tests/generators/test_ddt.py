@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from core.config import compose
 from core.errors import MismatchError, StateDictMismatch, UnknownNameError, UserError
-from generators.ddt import DDT, PRESETS, build_ddt, ddt_rope_angles, load_lightning_checkpoint
+from core.checkpoint import load_torch_weights
+from generators.ddt import DDT, PRESETS, build_ddt, ddt_rope_angles
 from generators.flow import flow_loss, interpolate, velocity_target
 from generators.layers import timestep_embedding
 from generators.registry import build_generator, upgrade_run_config
@@ -396,7 +397,7 @@ def test_lightning_hyper_parameters_are_read_as_a_plain_dict(tmp_path, monkeypat
     torch.save(lightning_ckpt(tiny(), tiny(), hyper_parameters=AttributeDict(lr=1e-4, align_layer=8)), path)
     for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", module.__name__):
         monkeypatch.delitem(sys.modules, name)
-    ckpt = load_lightning_checkpoint(path)
+    ckpt = load_torch_weights(path)
     assert dict(ckpt["hyper_parameters"]) == {"lr": 1e-4, "align_layer": 8}
     assert type(ckpt["hyper_parameters"]) is collections.OrderedDict
     DDT.load_official(path, size="B/2", **TINY)
