@@ -284,5 +284,21 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+def tokenizer_step_done(run: RunFolder, cfg: DictConfig, step: int, means: StepMeans, bar: Any,
+                        evaluate: Callable[[int], None], ema: Any, postfix: dict[str, str]) -> None:
+    """A tokenizer loop's bookkeeping after update `step` (its logs already in `means`): the bar, the interval's means
+    logged when `log.every` is due (`postfix`: bar key -> format of a logged value), `evaluate(step)` when
+    `log.sample_every` is, and a checkpoint (with the EMA weights) when `log.checkpoint_every` is."""
+    bar.update(1)
+    if due(step, cfg.log.every, cfg.train.steps):
+        logged = means.report()
+        run.log(step=step, **logged)
+        bar.set_postfix({key: fmt.format(logged[key]) for key, fmt in postfix.items()})
+    if due(step, cfg.log.sample_every, cfg.train.steps):
+        evaluate(step)
+    if due(step, cfg.log.checkpoint_every, cfg.train.steps):
+        run.save_training_state(step, ema.state_dict() if ema else None, keep=cfg.log.keep_checkpoints)
+
+
 def fused_adam_kwargs() -> dict[str, Any]:
     return {"fused": True} if torch.cuda.is_available() else {}

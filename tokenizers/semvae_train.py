@@ -41,8 +41,8 @@ from core.ema import EMA
 from core.errors import MismatchError, UserError
 from core.images import build_source, iterate_images
 from core.log import get_logger
-from core.runtime import (RunFolder, StepMeans, due, fused_adam_kwargs, latest_checkpoint, make_accelerator, progress,
-                          seed_everything, step_generators)
+from core.runtime import (RunFolder, StepMeans, fused_adam_kwargs, latest_checkpoint, make_accelerator, progress,
+                          seed_everything, step_generators, tokenizer_step_done)
 from tokenizers.encoders import ENCODERS
 from tokenizers.losses import kl_loss
 from tokenizers.recipe import Family, trainable
@@ -285,15 +285,8 @@ def train(cfg: DictConfig) -> Path:
         if ema is not None:
             ema.update(raw)
         means.add(logs)
-        bar.update(1)
-        if due(step, cfg.log.every, cfg.train.steps):
-            logged = means.report()
-            run.log(step=step, **logged)
-            bar.set_postfix(loss=f"{logged['loss']:.4g}", cos=f"{logged['cos']:.4f}")
-        if due(step, cfg.log.sample_every, cfg.train.steps):
-            evaluation(run, acc, raw, ema, fixed, step)
-        if due(step, cfg.log.checkpoint_every, cfg.train.steps):
-            run.save_training_state(step, ema.state_dict() if ema else None, keep=cfg.log.keep_checkpoints)
+        tokenizer_step_done(run, cfg, step, means, bar, lambda s: evaluation(run, acc, raw, ema, fixed, s), ema,
+                            {"loss": "{:.4g}", "cos": "{:.4f}"})
         if step >= cfg.train.steps:
             break
     bar.close()

@@ -41,8 +41,8 @@ from core.config import ConfigError, compose, split_cli
 from core.ema import EMA
 from core.images import collate_items, iterate_images, Skipping
 from core.log import get_logger
-from core.runtime import (RunFolder, StepMeans, due, latest_checkpoint, make_accelerator, progress, seed_everything,
-                          step_generators)
+from core.runtime import (RunFolder, StepMeans, latest_checkpoint, make_accelerator, progress, seed_everything,
+                          step_generators, tokenizer_step_done)
 from tokenizers import vavae_train  # noqa: F401  (registers vavae; imported first, so listed first)
 from tokenizers import rae_train  # noqa: F401  (registers rae)
 from tokenizers import semvae_train  # noqa: F401  (registers semvae)
@@ -183,16 +183,8 @@ def train(family_name: str, cfg: DictConfig) -> Path:
         if ema is not None:
             ema.update(family.ema_source(raw))
         means.add(logs)
-        bar.update(1)
-
-        if due(step, cfg.log.every, cfg.train.steps):
-            logged = means.report()
-            run.log(step=step, **logged)
-            bar.set_postfix(l1=f"{logged['l1']:.4f}", nll=f"{logged['nll']:.4g}")
-        if due(step, cfg.log.sample_every, cfg.train.steps):
-            sample(run, acc, raw.tokenizer, ema_tokenizer, sample_images, step)
-        if due(step, cfg.log.checkpoint_every, cfg.train.steps):
-            run.save_training_state(step, ema.state_dict() if ema else None, keep=cfg.log.keep_checkpoints)
+        tokenizer_step_done(run, cfg, step, means, bar, lambda s: sample(run, acc, raw.tokenizer, ema_tokenizer, sample_images, s),
+                            ema, {"l1": "{:.4f}", "nll": "{:.4g}"})
         if step >= cfg.train.steps:
             break
     bar.close()
