@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.checkpoint import check_keys, load_torch_weights
+from core.checkpoint import load_torch_weights
 from core.errors import MismatchError, StateDictMismatch, UnknownNameError, UserError
 from generators.layers import (
     Attention,
@@ -62,8 +62,9 @@ from generators.layers import (
     rotate_pairs,
     run_block,
     timestep_embedding,
+    zero_modulation_and_output,
 )
-from generators.official import WRAPPER_PREFIXES, OfficialCheckpointMixin
+from generators.official import OfficialCheckpointMixin, load_official_weights, unwrap_name, unwrap_state_dict
 from generators.registry import Release, register
 from tokenizers.encoders import ENCODERS
 
@@ -193,12 +194,12 @@ def denoiser_state_dict(ckpt: dict, ema: bool = True, with_projector: bool = Fal
     """
     state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
     if not any(k.startswith((ONLINE, EMA)) for k in state):  # a bare denoiser state dict
-        return {_unwrap(k): v for k, v in state.items()}
+        return unwrap_state_dict(state)
     keep, other = (EMA, ONLINE) if ema else (ONLINE, EMA)
     out, projector, unknown = {}, {}, []
     for name, tensor in state.items():
         if name.startswith(keep):
-            out[_unwrap(name.removeprefix(keep))] = tensor
+            out[unwrap_name(name.removeprefix(keep))] = tensor
         elif name.startswith(PROJECTOR):
             projector["repa_projector." + name.removeprefix(PROJECTOR)] = tensor
         elif not name.startswith(other):
@@ -214,12 +215,6 @@ def denoiser_state_dict(ckpt: dict, ema: bool = True, with_projector: bool = Fal
         log.info("%s: the REPA projector (%s*, %d tensors) is not loaded: the model has none (set "
                  "model.repa_depth / align_layer to train on with it)", what, PROJECTOR, len(projector))
     return out
-
-
-def _unwrap(name: str) -> str:
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.removeprefix("module.").removeprefix("_orig_mod.")
-    return name
 
 
 class DDT(nn.Module, OfficialCheckpointMixin):
@@ -314,9 +309,7 @@ class DDT(nn.Module, OfficialCheckpointMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for head in [self.final_layer] + ([self.ig_final_layer] if self.ig_depth is not None else []):
-            for layer in (head.adaLN_modulation[0], head.linear):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            zero_modulation_and_output(nn.ModuleList(), head)
 
     # --- tensors in and out -------------------------------------------------------------------------------------
 
@@ -403,9 +396,8 @@ class DDT(nn.Module, OfficialCheckpointMixin):
         the model has one, else set aside), its ``state_dict``, or a bare denoiser state dict (``denoiser_state_dict``).
         A missing, extra or misshaped key is refused, named (core.checkpoint.check_keys)."""
         what = f"{self.official_name} official checkpoint"
-        weights = denoiser_state_dict(state, ema=ema, with_projector=self.repa_depth is not None, what=what)
-        check_keys(self.state_dict(), weights, what)
-        self.load_state_dict(weights, strict=True)
+        load_official_weights(self, denoiser_state_dict(state, ema=ema, with_projector=self.repa_depth is not None,
+                                                        what=what), what)
 
     @classmethod
     def load_official(cls, path: str | Path, size: str = "XL/2", ema: bool = True, **overrides) -> "DDT":

@@ -21,12 +21,14 @@ def unwrap_state_dict(state: dict) -> dict[str, torch.Tensor]:
         if isinstance(state.get(key), dict):
             state = state[key]
             break
-    out = {}
-    for name, tensor in state.items():
-        while name.startswith(WRAPPER_PREFIXES):
-            name = name.removeprefix("module.").removeprefix("_orig_mod.")
-        out[name] = tensor
-    return out
+    return {unwrap_name(name): tensor for name, tensor in state.items()}
+
+
+def unwrap_name(name: str) -> str:
+    """A parameter name without its wrapper prefixes, also when nested."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.removeprefix("module.").removeprefix("_orig_mod.")
+    return name
 
 
 def load_official_weights(model: nn.Module, state: dict, what: str) -> None:

@@ -120,12 +120,13 @@ def similarity(states: dict[Any, dict[int, torch.Tensor]], n: int) -> np.ndarray
         evals = sorted(per_eval)
         if not evals:
             continue
-        flat = torch.stack([per_eval[i].reshape(-1) for i in evals])  # [e, rows*tokens*width]
-        count = per_eval[evals[0]].shape[0] * per_eval[evals[0]].shape[1]  # rows x tokens
-        gram = torch.zeros(len(evals), len(evals), dtype=torch.float64, device=flat.device)
+        first = per_eval[evals[0]]
+        count = first.shape[0] * first.shape[1]  # rows x tokens
+        gram = torch.zeros(len(evals), len(evals), dtype=torch.float64, device=first.device)
         chunk = max(1, 2**25 // len(evals))  # float64 pieces of about 256 MB
-        for start in range(0, flat.shape[1], chunk):
-            piece = flat[:, start : start + chunk].double()
+        # Stacked a piece at a time: the kept states are often gigabytes, and one stack of all would copy them.
+        for start in range(0, first.numel(), chunk):
+            piece = torch.stack([per_eval[i].reshape(-1)[start : start + chunk] for i in evals]).double()
             gram += piece @ piece.T
         idx = np.asarray(evals)
         num[np.ix_(idx, idx)] += gram.cpu().numpy()
