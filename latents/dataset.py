@@ -38,6 +38,7 @@ Online groups are not supported.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -213,10 +214,21 @@ def feature_group(groups: tuple[ChannelGroup, ...] | list[ChannelGroup], request
     raise MismatchError("no group of the composite latent config holds the REPA features asked for; " + "; ".join(why))
 
 
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 of a weights file, read once per file state (a loader's setup asks for it once per group)."""
+    st = os.stat(path)
+    return _sha256_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
 def store_feature_shape(stores: list[LatentStore] | tuple[LatentStore, ...], request: FeatureRequest) -> tuple[int, int]:
     """(tokens, dim) of the requested features, which every store must hold, all of one encoder; else a
     MismatchError naming the store, what it holds and the extraction command that stores them."""
-    sha = sha256_file(request.weights) if request.weights else None
+    sha = weights_sha256(request.weights) if request.weights else None
     for s in stores:
         have = s.features
         fits = have is not None and have["encoder"] == request.encoder and have["random_init"] == request.random_init

@@ -3,7 +3,6 @@ noise-augmented latents, a frozen-DINO discriminator behind DiffAug, random crop
 schedule (reference/rae_ditdh.md §1.3, §1.5)."""
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -17,7 +16,7 @@ from tokenizers.base import Tokenizer
 from tokenizers.discriminators import DinoDiscriminator, diff_augment
 from tokenizers.losses import build_lpips
 from tokenizers.rae import DECODERS, PATCH, RAE, RAE_ENCODERS, noise_augment
-from tokenizers.recipe import Family, trainable
+from tokenizers.recipe import Family, trainable, with_module
 
 
 
@@ -56,13 +55,6 @@ class RAEModel(nn.Module):
         """(reconstructions of the noise-augmented latents, the clean latents)."""
         latents = self.tokenizer.encode(images)
         return self.tokenizer.decode(noise_augment(latents, self.noise_tau, gens)), latents
-
-
-def rae_with_decoder(rae: RAE, decoder: nn.Module) -> RAE:
-    """The same RAE (config; frozen encoder shared, not copied) with another decoder: the EMA tokenizer."""
-    view = copy.copy(rae)
-    view._modules = {**rae._modules, "decoder": decoder}
-    return view
 
 
 def warmup_cosine(k: int, warmup: int, total: int, final_ratio: float) -> float:
@@ -172,4 +164,4 @@ class RAEFamily(Family):
         return raw.decoder
 
     def as_tokenizer(self, ema_module: nn.Module) -> Tokenizer:
-        return rae_with_decoder(self.model.tokenizer, ema_module)
+        return with_module(self.model.tokenizer, "decoder", ema_module)

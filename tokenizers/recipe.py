@@ -8,6 +8,8 @@ second copy with a second, empty registry.
 """
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +17,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from core.checkpoint import load_safetensors
 from core.images import build_source
+from core.log import get_logger
+from core.runtime import latest_checkpoint
 from tokenizers.base import Tokenizer
 from tokenizers.discriminators import NLayerDiscriminator
 
@@ -102,3 +107,25 @@ class Family:
     def as_tokenizer(self, ema_module: nn.Module) -> Tokenizer:
         """The tokenizer with the EMA weights (samples, export)."""
         return ema_module
+
+
+def with_module(tokenizer: Tokenizer, name: str, module: nn.Module) -> Tokenizer:
+    """The same tokenizer (config; its other modules, the frozen encoder among them, shared, not copied) with
+    module `name` replaced: the EMA tokenizer a run exports."""
+    view = copy.copy(tokenizer)
+    view._modules = {**tokenizer._modules, name: module}
+    return view
+
+
+def init_weights(path: Path, model: nn.Module, disc: nn.Module | None = None) -> None:
+    """Weights (the trained module and the discriminator, if any, strictly) from a run folder's last checkpoint or
+    a checkpoint folder (`run.init_from`)."""
+    if (path / "checkpoints").is_dir():
+        last = latest_checkpoint(path)
+        if last is None:
+            raise FileNotFoundError(f"run.init_from: {path} has no finished checkpoint")
+        path = last
+    model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=True)
+    if disc is not None:
+        disc.load_state_dict(load_safetensors(path / "model_1.safetensors"), strict=True)
+    get_logger(__name__).info("initialised from %s", path)

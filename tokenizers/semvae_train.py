@@ -24,7 +24,6 @@ uninterrupted one and the process count changes nothing but float reduction orde
 """
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,17 +34,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from core.checkpoint import load_safetensors
 from core.config import ConfigError
 from core.ema import EMA
 from core.errors import MismatchError, UserError
 from core.images import build_source, iterate_images
 from core.log import get_logger
-from core.runtime import (RunFolder, StepMeans, fused_adam_kwargs, latest_checkpoint, make_accelerator, progress,
+from core.runtime import (RunFolder, StepMeans, fused_adam_kwargs, make_accelerator, progress,
                           seed_everything, step_generators, tokenizer_step_done)
 from tokenizers.encoders import ENCODERS
 from tokenizers.losses import kl_loss
-from tokenizers.recipe import Family, trainable
+from tokenizers.recipe import Family, init_weights, trainable, with_module
 from tokenizers.semvae import PATCH, SemanticVAE, SemVAE
 
 log = get_logger("tokenizers.train")
@@ -87,13 +85,6 @@ def lr_factor(k: int, warmup: int, constant: int, total: int, start: float = 0.0
     span = max(total - warmup - constant, 1)
     j = min(k - warmup - constant, span)
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * j / span))
-
-
-def with_vae(tokenizer: SemVAE, vae: nn.Module) -> SemVAE:
-    """The same SemVAE (config; frozen encoder shared, not copied) with other VAE weights: the EMA tokenizer."""
-    view = copy.copy(tokenizer)
-    view._modules = {**tokenizer._modules, "vae": vae}
-    return view
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -292,7 +283,7 @@ def train(cfg: DictConfig) -> Path:
     bar.close()
 
     if acc.is_main_process:
-        final = with_vae(tokenizer, ema.model) if ema is not None else tokenizer
+        final = with_module(tokenizer, "vae", ema.model) if ema is not None else tokenizer
         final.save_pretrained(run.path / "tokenizer")
         run.log(event="exported", step=step, tokenizer=str(run.path / "tokenizer"), ema=ema is not None)
         log.info("tokenizer saved to %s", run.path / "tokenizer")
@@ -332,14 +323,3 @@ def evaluation(run: RunFolder, acc: Any, raw: nn.Module, ema: EMA | None, feats:
         run.log(step=step, **values)
         log.info("step %d: features %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     acc.wait_for_everyone()
-
-
-def init_weights(path: Path, vae: nn.Module) -> None:
-    """VAE weights (strictly) from a run folder's last checkpoint or a checkpoint folder."""
-    if (path / "checkpoints").is_dir():
-        last = latest_checkpoint(path)
-        if last is None:
-            raise FileNotFoundError(f"run.init_from: {path} has no finished checkpoint")
-        path = last
-    vae.load_state_dict(load_safetensors(path / "model.safetensors"), strict=True)
-    log.info("initialised from %s", path)

@@ -35,19 +35,19 @@ from torch import nn
 
 from core.errors import UserError
 from core import cli
-from core.checkpoint import atomic_path, load_safetensors
+from core.checkpoint import atomic_path
 from core.cli import UsageError, config_help, groups_help, wants_help
 from core.config import ConfigError, compose, split_cli
 from core.ema import EMA
 from core.images import collate_items, iterate_images, Skipping
 from core.log import get_logger
-from core.runtime import (RunFolder, StepMeans, latest_checkpoint, make_accelerator, progress, seed_everything,
+from core.runtime import (RunFolder, StepMeans, make_accelerator, progress, seed_everything,
                           step_generators, tokenizer_step_done)
 from tokenizers import vavae_train  # noqa: F401  (registers vavae; imported first, so listed first)
 from tokenizers import rae_train  # noqa: F401  (registers rae)
 from tokenizers import semvae_train  # noqa: F401  (registers semvae)
 from tokenizers.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
-from tokenizers.recipe import FAMILIES, Family
+from tokenizers.recipe import FAMILIES, Family, init_weights
 
 log = get_logger("tokenizers.train")
 
@@ -266,18 +266,6 @@ def sample(run: RunFolder, acc: Any, tokenizer: nn.Module, ema_tokenizer: nn.Mod
         run.log(step=step, **values)
         log.info("step %d: reconstruction PSNR %s", step, ", ".join(f"{k} {v:.2f} dB" for k, v in values.items()))
     acc.wait_for_everyone()
-
-
-def init_weights(path: Path, model: nn.Module, disc: nn.Module) -> None:
-    """Weights (trained module and discriminator, strictly) from a run folder's last checkpoint or a checkpoint folder."""
-    if (path / "checkpoints").is_dir():
-        last = latest_checkpoint(path)
-        if last is None:
-            raise FileNotFoundError(f"run.init_from: {path} has no finished checkpoint")
-        path = last
-    model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=True)
-    disc.load_state_dict(load_safetensors(path / "model_1.safetensors"), strict=True)
-    log.info("initialised from %s", path)
 
 
 USAGE = "usage: python -m tokenizers.train <family> [preset=NAME] [data=NAME] [key=value ...]"
