@@ -115,7 +115,8 @@ def main() -> None:
             velocity = sfd.guided_velocity(model, y, settings)
             z = initial_noise(indices, shape, 0, device)
             run = lambda steps: sfd.sample(velocity, z, model.semfirst_delta_t,  # noqa: E731
-                                           model.in_channels - model.semantic_chans, steps, args.method, counter=counts)
+                                           model.in_channels - model.semantic_chans, steps, args.method,
+                                           settings.shift, settings.atol, settings.rtol, counter=counts)
             run(3)  # warm-up
             sync(device)
             start = time.perf_counter()

@@ -224,7 +224,11 @@ def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], 
                          s.get("atol", 1e-6), s.get("rtol", 1e-3))
         plan = sharing.Sharing(None, 0)
     else:
-        plan = sharing.Sharing(share_schedule(model, guide, s, shape, device)["schedule"], evaluations(s.steps, s.method))
+        # A command's record holds the plan made once before its first part; without one, the (cached) schedule.
+        schedule = record.plan["schedule"] if record is not None else None
+        if schedule is None:
+            schedule = share_schedule(model, guide, s, shape, device)["schedule"]
+        plan = sharing.Sharing(schedule, evaluations(s.steps, s.method))
         start = time.perf_counter()  # after the template pass, if this call ran it
         gens = sample_generators(indices, s.seed, stream=1)  # the SDE's per-step noise, per sample
         fn = plan.denoise(denoise_fn(plan.wrap(model), y, s, plan.wrap(guide, "guide")))
