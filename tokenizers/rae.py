@@ -138,7 +138,8 @@ class DecoderLayer(nn.Module):
 
 
 class ViTDecoder(nn.Module):
-    """Latent tokens [B, grid², latent_dim] -> pixels [B, 3, 16 grid, 16 grid] in the encoder's normalised space.
+    """Latent tokens [B, grid², latent_dim] -> pixels [B, 3, p grid, p grid] (p = `patch`, 16 in RAE); RAE's are in
+    its encoder's normalised pixel space, FAE's pixel decoder (tokenizers/fae.py) predicts [-1, 1] directly.
 
     A trainable class token (zero-init) is prepended and dropped at the end; the position table is
     MAE's fixed 2-D sin-cos (column coordinate in the first half) with a zero class row, a frozen
@@ -146,15 +147,16 @@ class ViTDecoder(nn.Module):
     official decoder (a plain nn.Module) does.
     """
 
-    def __init__(self, latent_dim: int, grid: int, hidden_size: int, depth: int, num_heads: int, mlp_dim: int):
+    def __init__(self, latent_dim: int, grid: int, hidden_size: int, depth: int, num_heads: int, mlp_dim: int,
+                 patch: int = PATCH):
         super().__init__()
-        self.grid = grid
+        self.grid, self.patch = grid, patch
         self.decoder_embed = nn.Linear(latent_dim, hidden_size)
         table = torch.cat([torch.zeros(1, hidden_size, dtype=torch.float64), sincos_pos_embed_2d(hidden_size, grid)])
         self.decoder_pos_embed = nn.Parameter(table.float()[None], requires_grad=False)
         self.decoder_layers = nn.ModuleList(DecoderLayer(hidden_size, num_heads, mlp_dim) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.decoder_pred = nn.Linear(hidden_size, PATCH * PATCH * 3)
+        self.decoder_pred = nn.Linear(hidden_size, patch * patch * 3)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -163,14 +165,14 @@ class ViTDecoder(nn.Module):
         for layer in self.decoder_layers:
             x = layer(x)
         patches = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-        return unpatchify(patches, self.grid)
+        return unpatchify(patches, self.grid, self.patch)
 
 
-def unpatchify(patches: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, grid², 16·16·3] -> [B, 3, 16 grid, 16 grid]; within a patch: row, column, channel (fastest)."""
+def unpatchify(patches: torch.Tensor, grid: int, patch: int = PATCH) -> torch.Tensor:
+    """[B, grid², p·p·3] -> [B, 3, p grid, p grid]; within a patch: row, column, channel (fastest)."""
     b = patches.shape[0]
-    x = patches.reshape(b, grid, grid, PATCH, PATCH, 3)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 3, grid * PATCH, grid * PATCH)
+    x = patches.reshape(b, grid, grid, patch, patch, 3)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 3, grid * patch, grid * patch)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------

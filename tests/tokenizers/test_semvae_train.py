@@ -12,7 +12,7 @@ from core.config import ConfigError, compose
 from core.errors import MismatchError
 from core.images import build_source
 from core.log import read_jsonl
-from tokenizers import semvae_train
+from tokenizers import feature_train, semvae_train
 from tokenizers import train as trainer
 from tokenizers.base import load_tokenizer
 from tokenizers.encoders import ENCODERS
@@ -48,8 +48,8 @@ def test_the_release_recipe_is_the_default():
 def test_cosine_along_tokens_and_along_features_are_each_a_direct_computation():
     g = torch.Generator().manual_seed(0)
     recon, target = torch.randn(2, 9, 5, generator=g), torch.randn(2, 9, 5, generator=g)
-    tokens = semvae_train.cosine_similarity(recon, target, "tokens")
-    features = semvae_train.cosine_similarity(recon, target, "features")
+    tokens = feature_train.cosine_similarity(recon, target, "tokens")
+    features = feature_train.cosine_similarity(recon, target, "features")
     # tokens: each feature channel's column over the 9 tokens (the release's dim=1); 2 x 5 values.
     cols = [(recon[b, :, d] @ target[b, :, d]) / (recon[b, :, d].norm() * target[b, :, d].norm())
             for b in range(2) for d in range(5)]
@@ -61,7 +61,7 @@ def test_cosine_along_tokens_and_along_features_are_each_a_direct_computation():
     # The release's own call, F.cosine_similarity(recon, target) with its default dim.
     assert torch.equal(tokens, F.cosine_similarity(recon, target).mean())
     with pytest.raises(ConfigError, match="cos_dim"):
-        semvae_train.cosine_similarity(recon, target, "channels")
+        feature_train.cosine_similarity(recon, target, "channels")
 
 
 def test_the_kl_is_summed_per_image_and_averaged_over_the_batch():
@@ -71,21 +71,21 @@ def test_the_kl_is_summed_per_image_and_averaged_over_the_batch():
     mean, logvar = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
     feats = torch.randn(3, 4, 6, generator=g)
     cfg = OmegaConf.create({"mse_weight": 1.0, "cos_weight": 1.0, "kl_weight": 1e-7, "cos_dim": "tokens"})
-    loss, logs = semvae_train.semvae_loss(feats + 0.1, feats, mean, logvar, cfg)
+    loss, logs = feature_train.feature_loss(feats + 0.1, feats, mean, logvar, cfg)
     per_image = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
     assert torch.allclose(logs["kl"], per_image.mean())
     # What the release computes: diffusers' posterior.kl() (one value per image), then .mean().
     moments = torch.cat([mean, logvar], dim=1)
     assert torch.allclose(logs["kl"], DiagonalGaussianDistribution(moments).kl().mean())
     # Twice the batch of the same images: the same KL (an average), unlike a plain sum.
-    _, twice = semvae_train.semvae_loss(*(torch.cat([t, t]) for t in (feats + 0.1, feats, mean, logvar)), cfg)
+    _, twice = feature_train.feature_loss(*(torch.cat([t, t]) for t in (feats + 0.1, feats, mean, logvar)), cfg)
     assert torch.allclose(twice["kl"], logs["kl"])
     assert torch.allclose(loss, logs["mse"] + (1 - logs["cos"]) + 1e-7 * logs["kl"])
     assert torch.allclose(logs["mse"], torch.tensor(0.01))
 
 
 def test_the_schedule_is_the_release_sequential_lr():
-    f = semvae_train.lr_factor
+    f = feature_train.lr_factor
     # The release's numbers: 1% at update 0, linear to 1 at 500, constant to 800,500, cosine to 0.1 at 1M.
     assert f(0, 500, 800_000, 1_000_000) == pytest.approx(0.01)
     assert f(250, 500, 800_000, 1_000_000) == pytest.approx(0.505)
@@ -112,16 +112,16 @@ def test_a_few_steps_lower_the_loss(small_encoders):
     family = semvae_train.SemVAEFamily(cfg)
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     feats = family.tokenizer.features(images)
-    before = semvae_train.evaluate(family.model, feats)
+    before = feature_train.evaluate(family.model, feats)
     opt = torch.optim.AdamW(family.model.parameters(), lr=2e-3)
     for step in range(25):
         noise = torch.randn(4, 16, 2, 2, generator=torch.Generator().manual_seed(step))
         recon, mean, logvar = family.model(feats, noise)
-        loss, _ = semvae_train.semvae_loss(recon, feats, mean, logvar, cfg.loss)
+        loss, _ = feature_train.feature_loss(recon, feats, mean, logvar, cfg.loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = semvae_train.evaluate(family.model, feats)
+    after = feature_train.evaluate(family.model, feats)
     assert after["eval_mse"] < 0.5 * before["eval_mse"] and after["eval_cos_tokens"] > before["eval_cos_tokens"] + 0.3
     # Only the VAE trains: the frozen encoder is outside the trained module and has no gradients.
     assert not any(p.requires_grad for p in family.tokenizer.feature_encoder.parameters())
@@ -149,7 +149,7 @@ def test_resume_equals_uninterrupted(small_encoders, tmp_path, killed_after_chec
     # The loss fell, the schedule was the release's, and the checkpoint holds the official names.
     logs = [r for r in read_jsonl(whole / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]
-    assert [r["lr"] for r in logs] == pytest.approx([2e-3 * semvae_train.lr_factor(k, 2, 1, 6) for k in range(6)])
+    assert [r["lr"] for r in logs] == pytest.approx([2e-3 * feature_train.lr_factor(k, 2, 1, 6) for k in range(6)])
     keys = set(load_file(str(whole / ckpt / "model.safetensors")))
     assert keys == set(load_tokenizer(whole / "tokenizer").saved_state_dict()) and all(k.startswith(("encoder.", "decoder."))
                                                                                       for k in keys)
@@ -170,7 +170,7 @@ def test_training_on_a_stores_features(small_encoders, tmp_path):
     data = semvae_train.SemVAEFamily.data(cfg)
     assert len(data) == 8 and data.shape == (4, 64)
     family = semvae_train.SemVAEFamily(cfg)
-    from_store = semvae_train.sample_features(cfg, data, family.tokenizer, torch.device("cpu"))
+    from_store = feature_train.sample_features(cfg, data, family.tokenizer, torch.device("cpu"))
     import zarr
 
     index = zarr.open_group(str(store), mode="r")["index"][:4]  # the source images of the store's first rows
