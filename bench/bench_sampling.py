@@ -10,10 +10,10 @@ Samples through `generators.sample.sample_latents` (the command's path) with cla
 per evaluation inside the interval) on random weights: the speed of a fixed grid does not depend on the weights.
 The generator config's `sample` settings apply (shift, `cfg_interval_start`, `last_step`) unless `--shift` /
 `--cfg-interval-start` override them; `key=value` arguments override the config (e.g. `model.input_size=4` for a
-small CPU figure). A semantic-first (SFD) generator samples through `generators.sfd.sample`, and the record gives
-its model evaluations: dopri5 chooses its steps from the velocity field, so its count means something only for
-trained weights (`--run`, the EMA weights of a run's latest checkpoint); on untrained ones (a zero output layer) it
-is the minimum.
+small CPU figure; `sample.cfg_schedule=[[0,0.1,0.9],[0.3,1,2.5]]` replaces `--cfg-scale` and the interval). A
+semantic-first (SFD) generator samples through `generators.sfd.sample`, and the record gives its model evaluations:
+dopri5 chooses its steps from the velocity field, so its count means something only for trained weights (`--run`,
+the EMA weights of a run's latest checkpoint); on untrained ones (a zero output layer) it is the minimum.
 
 `--share MODE:K` (repeatable; `uniform:K` recomputes every K-th evaluation, `dp:K` spends K recomputes by DDT's
 DP) times encoder sharing (generators/sharing.py) against the unshared run with the same noise and labels: images/s
@@ -96,6 +96,9 @@ def main() -> None:
     config = {"generator": args.run or args.generator, "batch": args.batch, "steps": args.steps, "method": args.method,
               "cfg_scale": args.cfg_scale, "precision": args.precision, "trained": bool(args.run or args.official),
               "device": device_label(device)}
+    if settings.get("cfg_schedule") is not None:  # it replaces the scale (generators.guidance.cfg)
+        del config["cfg_scale"]
+        config["cfg_schedule"] = OmegaConf.to_container(settings.cfg_schedule)
     if args.share:
         config |= {"shift": settings.shift, "cfg_interval_start": settings.cfg_interval_start,
                    "last_step": settings.get("last_step"), "perturb": args.perturb, "overrides": overrides}

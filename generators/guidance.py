@@ -13,6 +13,11 @@ Options, as LightningDiT uses them:
   prediction. The published LightningDiT results guide channels [0, 1, 2] only (its Internal Guidance
   release guides all); None = all.
 - ``scale <= 1``: no guidance, the plain conditional prediction.
+- ``schedule`` (``cfg`` only): ``[(t_lo, t_hi, scale), ...]`` segments in the same time, replacing ``scale`` and
+  ``interval``: each sample takes the scale of the segment holding its t, 1 outside every segment (FAE's
+  three-part CFG). Every scale != 1 is applied, 0.9 too (it leans towards the unconditional prediction); samples
+  whose scale is 1 need no unconditional call, as outside an interval. Segments are closed and may share an
+  end, where the later one applies.
 
 Internal Guidance (CVL-UESTC/Internal-Guidance) needs no second pass: a model with an IG head returns its
 final velocity and the head's, ``model(x, t, y, return_ig=True) -> (v, v_mid)``, and ``internal`` turns
@@ -28,16 +33,20 @@ wrapped model with its own state; Internal Guidance cannot be served by a reused
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from core.errors import UserError
 from generators.sampling import DenoiseFn
 
-__all__ = ["combine", "guided", "cfg", "conditional", "autoguidance", "internal", "Velocity"]
+__all__ = ["combine", "guided", "cfg", "check_schedule", "conditional", "autoguidance", "internal", "Velocity",
+           "Segment"]
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, y) -> v
+Segment = tuple[float, float, float]  # (t_lo, t_hi, scale) of a CFG schedule
 
 
 def combine(
@@ -59,6 +68,38 @@ def _in_interval(t: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor
 
 def _select(active: torch.Tensor, guided_v: torch.Tensor, cond_v: torch.Tensor) -> torch.Tensor:
     return torch.where(active.reshape(-1, *([1] * (cond_v.ndim - 1))), guided_v, cond_v)
+
+
+def check_schedule(schedule: Sequence[Sequence[float]], key: str = "sample.cfg_schedule") -> list[Segment]:
+    """The segments of a CFG schedule as float triples sorted by time; a one-line UserError naming ``key`` unless
+    every segment is [t_lo, t_hi, scale] with 0 <= t_lo <= t_hi <= 1 and no two overlap (sharing an end is allowed)."""
+    def refuse(why: str) -> UserError:
+        return UserError(f"{key}={_show(schedule)}: {why}; give [[t_lo, t_hi, scale], ...] with "
+                         "0 <= t_lo <= t_hi <= 1 (t = 0 is noise), segments not overlapping")
+
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
+        raise refuse("not a list of segments")
+    segments = []
+    for seg in schedule:
+        if (isinstance(seg, (str, bytes)) or not isinstance(seg, Sequence) or len(seg) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in seg)):
+            raise refuse(f"segment {_show(seg)} is not three numbers [t_lo, t_hi, scale]")
+        lo, hi, scale = (float(v) for v in seg)
+        if not 0 <= lo <= hi <= 1:
+            raise refuse(f"segment {_show(seg)} is not inside [0, 1] with t_lo <= t_hi")
+        segments.append((lo, hi, scale))
+    segments.sort()
+    for (_, hi, _), nxt in zip(segments, segments[1:]):
+        if nxt[0] < hi:
+            raise refuse(f"segments overlap on [{nxt[0]:g}, {min(hi, nxt[1]):g}]")
+    return segments
+
+
+def _show(value: object) -> str:
+    """A schedule as the command line writes it (an OmegaConf list prints as a plain one)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def guided(
@@ -112,24 +153,36 @@ def cfg(
     channels: Sequence[int] | None = None,
     ig_scale: float = 1.0,
     ig_interval: tuple[float, float] = (0.0, 1.0),
+    schedule: Sequence[Sequence[float]] | None = None,
 ) -> DenoiseFn:
     """Classifier-free guidance for ``model(x, t, y)``: one forward on [cond ; uncond].
 
     The unconditional half uses the null class ``model.num_classes``. With ``ig_scale != 1`` both halves are
-    internally guided first (``internal``). The model must be in eval mode, or its label dropout would corrupt
-    the conditional half.
+    internally guided first (``internal``). ``schedule``, when given, replaces ``scale`` and ``interval`` (module
+    docstring). The model must be in eval mode, or its label dropout would corrupt the conditional half.
     """
     if model.training:
         raise ValueError("cfg needs the model in eval mode (label dropout is active in training mode)")
+    if schedule is not None:
+        segments = check_schedule(schedule)
+    else:
+        segments = [(*interval, scale)] if scale > 1 else []
     null = torch.full_like(y, model.num_classes)
     velocity = internal(model, ig_scale, ig_interval)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        active = _in_interval(t, interval)
-        if scale <= 1 or not bool(active.any()):
+        # Each sample's segment, the later one where two share an end; -1 outside every segment.
+        segment = torch.full_like(t, -1, dtype=torch.long)
+        for i, (lo, hi, _) in enumerate(segments):
+            segment = torch.where(_in_interval(t, (lo, hi)), i, segment)
+        guides = [(segment == i, w) for i, (_, _, w) in enumerate(segments) if w != 1]
+        if not guides or not bool(torch.stack([m for m, _ in guides]).any()):
             return velocity(x, t, y)
         v_cond, v_uncond = velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return _select(active, combine(v_cond, v_uncond, scale, channels), v_cond)
+        out = v_cond
+        for active, w in guides:
+            out = _select(active, combine(v_cond, v_uncond, w, channels), out)
+        return out
 
     return fn
 

@@ -4,9 +4,9 @@ Samples a trained generator (the EMA weights of its latest checkpoint, or `--che
 an official release (`--official file.pt --latent <name> [generator=<family file>]`; the default
 generator is the latent config's), decodes the latents with the latent config's tokenizer and
 writes an ADM-format `.npz` (`arr_0` uint8 NHWC, `arr_1` labels) plus a PNG grid. Guidance: CFG
-(`sample.cfg_scale`, interval, channels) and, on top of it, AutoGuidance by a weaker model
-(`sample.autoguidance.guide=<run folder | checkpoint folder | official file>`, `.scale`,
-`.interval`). Labels are class-balanced (sample i has class i mod num_classes) or random.
+(`sample.cfg_scale`, interval, channels; or `sample.cfg_schedule`, a scale per time segment) and, on top
+of it, AutoGuidance by a weaker model (`sample.autoguidance.guide=<run folder | checkpoint folder | official
+file>`, `.scale`, `.interval`). Labels are class-balanced (sample i has class i mod num_classes) or random.
 Sample i depends only on (seed, i): the result does not depend on the batch size or the number
 of processes (`torchrun --nproc_per_node K -m generators.sample ...` splits the work). Chunks
 are written as they finish, so an interrupted run resumes.
@@ -42,7 +42,7 @@ from core.runtime import checkpoint_problems, keep_setup, latest_checkpoint, mak
 from core.samples import save_npz, save_samples_npz, to_uint8
 from generators import sfd, sharing
 from generators.guidance import cfg as cfg_guidance
-from generators.guidance import conditional, guided
+from generators.guidance import check_schedule, conditional, guided
 from generators.registry import build_generator, run_config
 from generators.sampling import DenoiseFn, evaluations, initial_noise, sample, sample_generators
 from latents.config import load_latent_config
@@ -81,14 +81,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
         raise UsageError("give --run <run folder> or --official <file> (see --help)")
     if args.latent:
         cfg.latent = args.latent
+    check_cfg_schedule(cfg.sample)
     return args, cfg
 
 
 def with_new_sample_keys(cfg: DictConfig) -> DictConfig:
-    """A run config saved before `sample.last_step` and `sample.share` existed gets their defaults (off), so that
-    its samples can set them."""
+    """A run config saved before `sample.last_step`, `sample.share` and `sample.cfg_schedule` existed gets their
+    defaults (off), so that its samples can set them."""
     base = load_yaml(CONFIG_DIR / "generator" / "base.yaml").sample
-    for key in ("last_step", "share"):
+    for key in ("last_step", "share", "cfg_schedule"):
         if key not in cfg.sample:
             cfg.sample[key] = base[key]
     return cfg
@@ -162,13 +163,25 @@ def denoise_fn(model: torch.nn.Module, y: torch.Tensor, s: DictConfig,
                guide: torch.nn.Module | None = None) -> DenoiseFn:
     """The velocity field that `sample` settings `s` describe: Internal Guidance (scale, interval) first, then
     CFG (scale, interval, channels), and on top of it AutoGuidance away from `guide` (scale, interval) when there
-    is one. Configs from before Internal Guidance existed have no ig_* keys: no IG."""
+    is one. `cfg_schedule`, when set, replaces cfg_scale and cfg_interval_start. Configs from before Internal
+    Guidance existed have no ig_* keys: no IG."""
     fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
                       list(s.cfg_channels) if s.cfg_channels is not None else None,
-                      s.get("ig_scale", 1.0), tuple(s.get("ig_interval", (0.0, 1.0))))
+                      s.get("ig_scale", 1.0), tuple(s.get("ig_interval", (0.0, 1.0))), s.get("cfg_schedule"))
     if guide is None:
         return fn
     return guided(fn, conditional(guide, y), s.autoguidance.scale, tuple(s.autoguidance.interval))
+
+
+def check_cfg_schedule(s: DictConfig) -> None:
+    """Refuse a bad `sample.cfg_schedule` before any model is loaded, and say that it overrides a cfg_scale that
+    would otherwise guide."""
+    if s.get("cfg_schedule") is None:
+        return
+    check_schedule(s.cfg_schedule)
+    if s.cfg_scale > 1:
+        log.info("sample.cfg_schedule %s replaces sample.cfg_scale=%s and sample.cfg_interval_start=%s",
+                 to_dict(s.cfg_schedule), s.cfg_scale, s.cfg_interval_start)
 
 
 def labels_for(num: int, num_classes: int, how: str, seed: int) -> np.ndarray:

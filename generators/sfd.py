@@ -71,6 +71,9 @@ def guided_velocity(model: nn.Module, y: torch.Tensor, s: DictConfig, guide: nn.
         raise ValueError("guidance needs the models in eval mode (label dropout is active in training mode)")
     if float(s.get("ig_scale", 1.0)) != 1:
         raise UserError("sample.ig_scale: Internal Guidance is not defined for semantic-first (SFD) sampling")
+    if s.get("cfg_schedule") is not None:
+        raise UserError("sample.cfg_schedule: semantic-first (SFD) sampling guides by scale_tex/scale_sem on "
+                        "cfg_interval_start per group, not by a schedule; set it to null")
     scale_tex, scale_sem = _group_scales(s, guide is not None)
     start, mode = float(s.cfg_interval_start), str(s.get("cfg_interval_mode", "both"))
     tex_chans = model.in_channels - model.semantic_chans

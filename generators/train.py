@@ -30,7 +30,7 @@ from core.optim import build_optimizer
 from generators import flow, sfd
 from generators.objective import Objective
 from generators.registry import build_generator, upgrade_run_config
-from generators.sample import generator_config, load_guide, sample_latents
+from generators.sample import check_cfg_schedule, generator_config, load_guide, sample_latents
 from latents.config import load_latent_config
 from latents.dataset import build_latent_loader, latent_info
 from latents.decode import decode_latents
@@ -66,6 +66,7 @@ def parse(argv: list[str]) -> tuple[DictConfig, DictConfig] | None:
     if cfg.run.dir is None:
         cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{cfg.generator}"
     OmegaConf.resolve(cfg)  # a preset may write run.dir with ${latent}
+    check_cfg_schedule(cfg.sample)  # the sample grids use it: refused now, not at the first grid
     return cfg, latent_cfg
 
 

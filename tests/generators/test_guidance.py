@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch import nn
 
+from core.errors import UserError
 from generators.guidance import cfg, combine, conditional, guided
 
 
@@ -82,3 +84,103 @@ def test_cfg_scale_one_and_off_interval_equal_conditional(tiny_dit):
 def test_cfg_refuses_a_model_in_training_mode(tiny_dit):
     with pytest.raises(ValueError, match="eval mode"):
         cfg(tiny_dit().train(), torch.tensor([1]), 4.0)
+
+
+# --- FAE's three-part CFG: sample.cfg_schedule ------------------------------------------------------------------
+
+FAE = [[0.0, 0.1, 0.9], [0.3, 1.0, 2.5]]  # FAE's schedule in our time (configs/generator/lightningdit_xl1_fae.yaml)
+
+
+class Fields(nn.Module):
+    """cond = x + 1, uncond (the null class 10) = 2x; records the batch size of every call."""
+
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        null = (y == self.num_classes).reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.where(null, 2.0 * x, x + 1.0)
+
+
+def test_schedule_gives_each_sample_its_segments_scale():
+    model = Fields().eval()
+    x = torch.randn(6, 4, 2, 2)
+    t = torch.tensor([0.05, 0.2, 0.5, 0.1, 0.3, 1.0])  # 0.9, 1 (between), 2.5, the ends of both segments
+    out = cfg(model, torch.arange(6), 10.0, schedule=FAE)(x, t)
+    c, u = x + 1.0, 2.0 * x
+    for i, w in enumerate([0.9, 1.0, 2.5, 0.9, 2.5, 2.5]):
+        assert torch.allclose(out[i], u[i] + w * (c[i] - u[i]))
+    assert torch.equal(out[1], c[1])  # scale 1 is the conditional prediction itself
+    assert model.calls == [12]  # one [cond ; uncond] forward for the batch
+
+
+def test_a_shared_end_takes_the_later_segment():
+    model = Fields().eval()
+    x = torch.randn(1, 4, 2, 2)
+    out = cfg(model, torch.tensor([3]), 1.0, schedule=[[0.5, 1.0, 3.0], [0.0, 0.5, 2.0]])(x, torch.tensor([0.5]))
+    assert torch.allclose(out, 2.0 * x + 3.0 * (1.0 - x))
+
+
+@pytest.mark.parametrize("schedule", [FAE, FAE + [[0.1, 0.3, 1.0]]])
+def test_samples_at_scale_one_cost_no_unconditional_call(schedule):
+    model = Fields().eval()
+    x, y = torch.randn(3, 4, 2, 2), torch.tensor([1, 2, 3])
+    out = cfg(model, y, 4.0, schedule=schedule)(x, torch.tensor([0.15, 0.2, 0.25]))
+    assert torch.equal(out, x + 1.0) and model.calls == [3]
+
+
+@pytest.mark.parametrize("channels", [None, [0, 1, 2]])
+def test_a_one_segment_schedule_is_cfg_with_that_interval(tiny_dit, channels):
+    model = tiny_dit()
+    x, y = torch.randn(4, 8, 8, 8), torch.tensor([1, 5, 9, 2])
+    t = torch.tensor([0.05, 0.11, 0.6, 1.0])
+    want = cfg(model, y, 2.5, interval=(0.11, 1.0), channels=channels)(x, t)
+    got = cfg(model, y, 10.0, channels=channels, schedule=[[0.11, 1.0, 2.5]])(x, t)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("schedule, why", [
+    ([[0.3, 0.1, 2.0]], "is not inside [0, 1] with t_lo <= t_hi"),
+    ([[-0.1, 0.5, 2.0]], "is not inside [0, 1] with t_lo <= t_hi"),
+    ([[0.5, 1.5, 2.0]], "is not inside [0, 1] with t_lo <= t_hi"),
+    ([[0.0, 0.5, 2.0], [0.4, 1.0, 3.0]], "overlap on [0.4, 0.5]"),
+    ([[0.0, 1.0, 2.0], [0.2, 0.3, 3.0]], "overlap on [0.2, 0.3]"),
+    ([[0.0, 0.5]], "three numbers"),
+    ([[0.0, "a", 2.0]], "three numbers"),
+    ([[0.0, 0.5, float("nan")]], "three numbers"),
+    ("0.9", "not a list"),
+    (2.5, "not a list"),
+])
+def test_a_bad_schedule_is_one_line_naming_the_key(schedule, why):
+    with pytest.raises(UserError, match="sample.cfg_schedule") as err:
+        cfg(Fields().eval(), torch.tensor([1]), 1.0, schedule=schedule)
+    assert why in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_sample_command_takes_a_schedule_and_refuses_a_bad_one_before_loading(tmp_path):
+    from generators import sample as gsample
+
+    argv = ["--official", str(tmp_path / "absent.pt"), "--latent", "vavae", "--num", "1", "--out",
+            str(tmp_path / "s.npz"), "sample.method=euler"]
+    _, cfg_ = gsample.parse([*argv, "sample.cfg_schedule=[[0,0.1,0.9],[0.3,1,2.5]]"])
+    assert cfg_.sample.method == "euler" and list(map(list, cfg_.sample.cfg_schedule)) == FAE
+    with pytest.raises(UserError, match=r"sample.cfg_schedule=\[\[0.5,0.2,2\]\]: segment"):
+        gsample.parse([*argv, "sample.cfg_schedule=[[0.5,0.2,2]]"])
+
+
+def test_the_sampler_follows_sample_cfg_schedule(tiny_dit):
+    from omegaconf import OmegaConf
+
+    from core.config import compose
+    from generators.sample import sample_latents
+
+    model, y = tiny_dit(), torch.tensor([1, 5])
+    s = compose("generator", overrides=["sample.steps=6", "sample.cfg_scale=2.5", "sample.cfg_interval_start=0.3"]).sample
+    run = lambda settings: sample_latents(model, y, [0, 1], (8, 8, 8), settings, torch.device("cpu"))  # noqa: E731
+    interval = run(s)
+    assert torch.equal(run(OmegaConf.merge(s, {"cfg_scale": 10.0, "cfg_schedule": [[0.3, 1.0, 2.5]]})), interval)
+    assert not torch.allclose(run(OmegaConf.merge(s, {"cfg_schedule": FAE})), interval)

@@ -153,6 +153,8 @@ def test_autoguidance_uses_the_true_label_for_both_models():
     assert torch.allclose(v, weak(x, t, y) + 1.5 * (model(x, t, y) - weak(x, t, y)), atol=1e-5)
     with pytest.raises(UserError, match="Internal Guidance"):
         sfd.guided_velocity(model, y, settings(ig_scale=1.4))
+    with pytest.raises(UserError, match="sample.cfg_schedule: semantic-first"):
+        sfd.guided_velocity(model, y, settings(cfg_schedule=[[0.3, 1.0, 2.5]]))
 
 
 @pytest.mark.parametrize("name, keys, params", [("sfd_xl1", 417, 682_765_424), ("sfd_xl1_80ep", 417, 682_765_424),
