@@ -192,3 +192,25 @@ def test_a_few_steps_lower_the_flow_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_the_fae_recipe_composes_with_the_papers_settings():
+    """LightningDiT-XL/1 on FAE's 32x16x16 latent (reference fae_wit_jit.md §1.6), the default of --latent fae_dino."""
+    from core.config import compose, dotted_keys
+    from generators import train as gtrain
+    from generators.registry import build_generator
+
+    cfg = compose("generator", "lightningdit_xl1_fae")
+    assert (cfg.model.size, cfg.model.input_size, cfg.model.in_channels) == ("XL/1", 16, 32)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in build_generator(cfg.model).parameters()) == 675_256_736  # the paper's 675.26M
+    t = cfg.train
+    assert (t.lr, list(t.betas), t.global_batch, t.steps) == (1e-4, [0.9, 0.999], 512, 2_000_000)
+    # The trainer has no lr schedule (constant, no warm-up): a key for one would have to be set here.
+    assert not [k for k in dotted_keys(t) if "warmup" in k or "schedule" in k]
+    s = cfg.sample
+    assert (s.method, s.steps, s.shift, s.cfg_scale, s.cfg_schedule) == ("euler_maruyama", 250, 0.4, 1.0, None)
+    run, latent = gtrain.parse(["--latent", "fae_dino"])  # no tokenizer folder or store needed to compose
+    assert run.generator == "lightningdit_xl1_fae" and run.run.dir == "runs/generator/fae_dino_lightningdit_xl1_fae"
+    assert (latent.tokenizer, latent.normalization, latent.multiplier) == ("runs/tokenizer/fae_finetune/tokenizer",
+                                                                          "store", 1.0)
