@@ -136,6 +136,10 @@ def compose(
         cfg = OmegaConf.merge(cfg, named_config(stage, family))
         free += [p for p in open_paths(cfg) if p not in free]
     pairs = parse_overrides(overrides)
+    sections = [stage, family]
+    if family is not None and "stages" in cfg:
+        cfg, pairs = _select_stage(cfg, pairs, family, free)
+        sections.append(f"{family}_{cfg.stage}")
 
     # Group selection first, so `data=imagenet data.root=/x` works in either order.
     rest = []
@@ -146,7 +150,7 @@ def compose(
             rest.append((key, value))
 
     if preset is not None:
-        cfg = _apply_preset(cfg, preset, stage, family, free)
+        cfg = _apply_preset(cfg, preset, sections, free)
 
     return apply_overrides(cfg, rest, free=free)
 
@@ -162,10 +166,27 @@ def apply_overrides(cfg: DictConfig, pairs: Iterable[tuple[str, Any]], where: st
     return cfg
 
 
-def _apply_preset(cfg: DictConfig, preset: str, stage: str, family: str | None, free: list[str]) -> DictConfig:
-    """A preset file holds sections named after a stage (``tokenizer``) or a family (``vavae``)."""
+def _select_stage(cfg: DictConfig, pairs: list[tuple[str, Any]], family: str,
+                  free: list[str]) -> tuple[DictConfig, list[tuple[str, Any]]]:
+    """A staged family file (FAE) holds its stages' recipes under ``stages``; ``stage=<name>`` (else the file's
+    ``stage``) picks one, merged over the family file and under presets and the command line. The config keeps
+    the chosen ``stage``, not the other recipes."""
+    stages = cfg.pop("stages")
+    chosen = [value for key, value in pairs if key == "stage"]
+    name = chosen[-1] if chosen else cfg.get("stage")
+    if name not in stages:
+        raise ConfigError(f"stage={name}: {family} has no such stage; choose from {', '.join(stages)}")
+    _check_known(cfg, stages[name], f"{family}.yaml [stages.{name}]", free)
+    cfg = OmegaConf.merge(cfg, stages[name])
+    cfg.stage = name
+    return cfg, [(key, value) for key, value in pairs if key != "stage"]
+
+
+def _apply_preset(cfg: DictConfig, preset: str, sections: list[str | None], free: list[str]) -> DictConfig:
+    """A preset file holds sections named after a stage (``tokenizer``), a family (``vavae``) or a family's stage
+    (``fae_pixel``), applied in that order."""
     doc = named_config("preset", preset)
-    for section in [stage, family]:
+    for section in sections:
         if section is not None and section in doc:
             part = doc[section]
             _check_known(cfg, part, f"preset/{preset}.yaml [{section}]", free)

@@ -44,6 +44,9 @@ ENCODERS: dict[str, EncoderSpec] = {
     "dinov2_b_reg": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 224, 14, 5, 768, IMAGENET_MEAN, IMAGENET_STD),
     "dinov2_l": EncoderSpec("vit_large_patch14_dinov2.lvd142m", 224, 14, 1, 1024, IMAGENET_MEAN, IMAGENET_STD),
     "dinov2_l_reg": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 224, 14, 5, 1024, IMAGENET_MEAN, IMAGENET_STD),
+    # FAE's ImageNet encoder (no registers), and the register version of its linear probe.
+    "dinov2_g": EncoderSpec("vit_giant_patch14_dinov2.lvd142m", 224, 14, 1, 1536, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_g_reg": EncoderSpec("vit_giant_patch14_reg4_dinov2.lvd142m", 224, 14, 5, 1536, IMAGENET_MEAN, IMAGENET_STD),
     # SigLIP has no class token (it pools with a MAP head, which we do not use). Its MLP uses the tanh
     # GELU (big_vision, HF); timm's default exact GELU changes the features by ~1e-3.
     "siglip2_b": EncoderSpec(

@@ -1,2 +1,2 @@
 """Imports every tokenizer family so that each registers itself by name."""
-from tokenizers import rae, sdvae, semvae, vavae  # noqa: F401
+from tokenizers import fae, rae, sdvae, semvae, vavae  # noqa: F401

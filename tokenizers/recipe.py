@@ -31,6 +31,7 @@ def trainable(name: str) -> Callable[[type["Family"]], type["Family"]]:
     """Class decorator: `python -m tokenizers.train <name>` trains this family."""
 
     def wrap(cls: type[Family]) -> type[Family]:
+        cls.name = name
         FAMILIES[name] = cls
         return cls
 
@@ -47,6 +48,7 @@ class Family:
     on how the global batch is split over processes.
     """
 
+    name: str  # the registered name; a staged family's stage classes name themselves (fae_pixel): the default run folder
     cfg: DictConfig
     model: nn.Module
     disc_train_in_g_step = True  # LDM runs its discriminator in train mode in the generator step too
@@ -54,6 +56,11 @@ class Family:
     # A recipe with its own loop (SemVAE: features, no GAN) sets a class method run(cfg) -> run folder; the shared
     # GAN loop of tokenizers.train runs the others.
     run: Callable[[DictConfig], Path] | None = None
+
+    @classmethod
+    def for_config(cls, cfg: DictConfig) -> type["Family"]:
+        """The class that trains this config: the family itself, or the class of a staged family's `stage` (FAE)."""
+        return cls
 
     def generator_loss(
         self, model: nn.Module, raw: nn.Module, images: torch.Tensor, gens: list[torch.Generator]

@@ -46,6 +46,7 @@ from core.runtime import (RunFolder, StepMeans, make_accelerator, progress, seed
 from tokenizers import vavae_train  # noqa: F401  (registers vavae; imported first, so listed first)
 from tokenizers import rae_train  # noqa: F401  (registers rae)
 from tokenizers import semvae_train  # noqa: F401  (registers semvae)
+from tokenizers import fae_train  # noqa: F401  (registers fae)
 from tokenizers.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
 from tokenizers.recipe import FAMILIES, Family, init_weights
 
@@ -131,14 +132,15 @@ def train(family_name: str, cfg: DictConfig) -> Path:
     """Train (or resume) one tokenizer run; returns the run folder. The exported tokenizer is in `<run>/tokenizer`."""
     if family_name not in FAMILIES:
         raise ConfigError(f"unknown tokenizer family {family_name!r}; trainable here: {', '.join(sorted(FAMILIES))}")
-    if FAMILIES[family_name].run is not None:  # a recipe with its own loop (semvae: features, no GAN)
-        return FAMILIES[family_name].run(cfg)
-    run_dir = cfg.run.dir or f"runs/tokenizer/{family_name}"
+    family_cls = FAMILIES[family_name].for_config(cfg)  # FAE: the class of its `stage`
+    if family_cls.run is not None:  # a recipe with its own loop (semvae, FAE's feature stage: features, no GAN)
+        return family_cls.run(cfg)
+    run_dir = cfg.run.dir or f"runs/tokenizer/{family_cls.name}"
     acc = make_accelerator(cfg.train.precision, cfg.train.log_with, run_dir)
     seed_everything(cfg.train.seed)
     # Data and networks first: a missing file stops the run before its folder and config exist.
-    source = FAMILIES[family_name].source(cfg)
-    family = FAMILIES[family_name](cfg)
+    source = family_cls.source(cfg)
+    family = family_cls(cfg)
     disc = family.discriminator()
     if acc.num_processes > 1 and acc.device.type == "cuda":
         # BatchNorm statistics of the global batch, not of each process's share (the PatchGAN's). SyncBatchNorm
@@ -166,14 +168,14 @@ def train(family_name: str, cfg: DictConfig) -> Path:
 
     sample_images = family.view(next(iterate_images(source, cfg.log.sample_images)).images, None).to(acc.device)
     if acc.is_main_process:
-        run.log(event="start", family=family_name, step=step, processes=acc.num_processes, data=source.describe(),
+        run.log(event="start", family=family_cls.name, step=step, processes=acc.num_processes, data=source.describe(),
                 tokenizer_params=sum(p.numel() for p in raw.tokenizer.parameters()),
                 disc_params=sum(p.numel() for p in d_params), precision=acc.mixed_precision,
                 random_weights=family.random_networks())
     if step == 0:
         sample(run, acc, raw.tokenizer, ema_tokenizer, sample_images, step)
 
-    bar = progress(total=cfg.train.steps, initial=step, desc=f"train {family_name}", enabled=acc.is_main_process)
+    bar = progress(total=cfg.train.steps, initial=step, desc=f"train {family_cls.name}", enabled=acc.is_main_process)
     means = StepMeans()
     data = batches(source, cfg, step, acc.process_index, acc.num_processes) if step < cfg.train.steps else iter(())
     for images in data:
