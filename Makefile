@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test matrix demo demo-vavae demo-sfd demo-rae clean
+.PHONY: install test matrix demo demo-vavae demo-sfd demo-fae demo-rae clean
 
 install: .venv/.installed
 
@@ -60,6 +60,26 @@ demo-sfd: demo-vavae
 		--samples dt0.3_cfg4=$(DEMO)/sfd_dt0.3_cfg.npz --samples dt0_cfg4=$(DEMO)/sfd_dt0_cfg.npz \
 		--out $(DEMO)/sfd_report.html
 	@echo "report: $(DEMO)/sfd_report.html"
+
+# FAE's three tokenizer stages on a random DINOv2-B cut to one block, its store, a tiny LightningDiT with FAE's recipe
+# (time shift 0.4), 300 samples by Euler-Maruyama without CFG and by Euler with the three-part CFG, and a report with
+# each stage's first and last evaluation (configs/preset/demo.yaml).
+demo-fae: install
+	$(PY) -m tokenizers.train fae stage=feature preset=demo
+	$(PY) -m tokenizers.train fae stage=pixel preset=demo
+	$(PY) -m tokenizers.train fae stage=finetune preset=demo
+	$(PY) -m latents.extract --tokenizer $(DEMO)/fae_finetune/tokenizer --data synthetic --out $(DEMO)/fae.zarr
+	$(PY) -m generators.train --latent fae_dino preset=demo
+	$(PY) -m generators.sample --run $(DEMO)/fae_generator --num 300 --out $(DEMO)/fae_em.npz
+	$(PY) -m generators.sample --run $(DEMO)/fae_generator --num 300 --out $(DEMO)/fae_cfg.npz sample.method=euler \
+		'sample.cfg_schedule=[[0,0.1,0.9],[0.3,1,2.5]]'
+	$(PY) -m eval.demo_report --title "latentkit FAE demo" --pipeline "tiny FAE (stages feature, pixel, finetune) \
+		&rarr; latent store &rarr; tiny LightningDiT (FAE's recipe)" --tokenizer-run $(DEMO)/fae_finetune \
+		--generator-run $(DEMO)/fae_generator --stage-run feature=$(DEMO)/fae_feature \
+		--stage-run pixel=$(DEMO)/fae_pixel --stage-run finetune=$(DEMO)/fae_finetune \
+		--samples euler_maruyama=$(DEMO)/fae_em.npz --samples three_part_cfg=$(DEMO)/fae_cfg.npz \
+		--out $(DEMO)/fae_report.html
+	@echo "report: $(DEMO)/fae_report.html"
 
 # RAE demos (configs/preset/demo.yaml): for each frozen encoder (random weights of the real ViT-B), a tiny
 # decoder, a store of 500 synthetic images, a tiny DiT^DH and 100 samples. `make demo-rae-siglip2_b` runs one.

@@ -100,6 +100,19 @@ def reconstruction(tokenizer_dir: Path, images: torch.Tensor) -> tuple[float, np
     return float(np.mean(psnr(orig, out))), grid
 
 
+STAGE_KEYS = ("eval_cos_features_ema", "eval_cos_features", "psnr_ema", "psnr")  # the first a run logs is reported
+
+
+def stage_evaluation(name: str, records: list[dict]) -> dict[str, float]:
+    """{NAME_<key>_start, NAME_<key>_end}: a tokenizer run's first and last evaluation, by the first of STAGE_KEYS it
+    logs (the feature stage's cosine, a pixel stage's PSNR; EMA weights when EMA was on)."""
+    key = next((k for k in STAGE_KEYS if any(k in r for r in records)), None)
+    if key is None:
+        raise ValueError(f"eval.demo_report --stage-run {name}: its metrics log none of {', '.join(STAGE_KEYS)}")
+    values = [r[key] for r in records if key in r]
+    return {f"{name}_{key}_start": values[0], f"{name}_{key}_end": values[-1]}
+
+
 def named_path(text: str) -> tuple[str, Path]:
     """`NAME=PATH` of a --samples argument."""
     name, sep, path = text.partition("=")
@@ -115,6 +128,9 @@ def main(argv: list[str]) -> None:
                    help="a generator run whose loss curve is shown (repeat for several)")
     p.add_argument("--samples", type=named_path, required=True, action="append", metavar="NAME=PATH",
                    help="a samples .npz of generators.sample, reported as sample_class_accuracy_NAME (repeat)")
+    p.add_argument("--stage-run", type=named_path, action="append", default=[], metavar="NAME=PATH",
+                   help="a tokenizer run (a stage of a staged recipe, FAE's) whose first and last logged evaluation "
+                        "(feature cosine or PSNR on its fixed training images) are reported as NAME_<key>_start/_end")
     p.add_argument("--title", default="latentkit demo report")
     p.add_argument("--pipeline", default="tiny VA-VAE &rarr; latent store &rarr; tiny LightningDiT",
                    help="what made the samples, for the page (HTML)")
@@ -122,7 +138,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    for path in [args.tokenizer_run, *args.generator_run, *(path for _, path in args.samples)]:
+    for path in [args.tokenizer_run, *args.generator_run, *(path for _, path in [*args.samples, *args.stage_run])]:
         if not path.exists():
             raise FileNotFoundError(f"eval.demo_report: {path} does not exist")
 
@@ -133,6 +149,8 @@ def main(argv: list[str]) -> None:
     clf_acc = accuracy(clf, held_out_images, held_out.labels)
     rec_psnr, rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out_images)
     metrics = {"recon_psnr_db": rec_psnr, "classifier_accuracy_on_real": clf_acc, "chance": 1 / args.num_classes}
+    for name, path in args.stage_run:
+        metrics.update(stage_evaluation(name, read_jsonl(path / "metrics.jsonl")))
     grids = {}
     for name, path in args.samples:
         with np.load(path) as f:

@@ -132,7 +132,8 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def open_tokenizer(spec: str, checksum: bool = True) -> tuple[Tokenizer, dict[str, Any]]:
-    """The `--tokenizer` spec of every command: a saved tokenizer folder, or `family:path[,key=value...]` of an
+    """The `--tokenizer` spec of every command: a saved tokenizer folder (or a training run holding one as
+    `tokenizer/`), or `family:path[,key=value...]` of an
     official release (the options go to the family's `load_official`, e.g. `rae:<decoder model.pt>,encoder=siglip2_b`).
     Returns the tokenizer (eval mode) and its provenance. `checksum`: include the weights' sha256, a full read of
     the file that only a new store's provenance needs."""
@@ -142,6 +143,8 @@ def open_tokenizer(spec: str, checksum: bool = True) -> tuple[Tokenizer, dict[st
     from core.config import parse_overrides
 
     if Path(spec).is_dir():
+        if not (Path(spec) / "model.safetensors").is_file() and (Path(spec) / "tokenizer" / "config.yaml").is_file():
+            spec = str(Path(spec) / "tokenizer")  # a tokenizers.train run folder: its export
         tok = load_tokenizer(spec)
         return tok.eval(), describe(tok, spec if checksum else None)
     family, sep, rest = spec.partition(":")

@@ -243,27 +243,33 @@ def test_the_config_form(made, tmp_path):
 
 
 
-def test_the_sfd_pair_a_vavae_texture_and_a_semvae_semantic_group(tmp_path, vavae_folder):
-    """The real tokenizers, tiny and random: [VA-VAE 8 | SemVAE 16] x 2 x 2 at 32 px, both stores of posterior samples
-    through the command; the joined latents decode as the VA-VAE's alone, and the SemVAE is never asked to decode."""
+@pytest.mark.parametrize("texture", ["vavae", "fae"])
+def test_the_sfd_pair_a_texture_group_and_a_semvae_semantic_group(tmp_path, request, texture):
+    """The real tokenizers, tiny and random: [VA-VAE or FAE 8 | SemVAE 16] x 2 x 2 at 32 px, both stores of posterior
+    samples through the command; the joined latents decode as the texture tokenizer's alone, and the SemVAE is never
+    asked to decode."""
     from latents.extract import main
+    from tokenizers.fae import FAE
     from tokenizers.semvae import SemVAE
 
     torch.manual_seed(0)
     SemVAE(**SemVAE.tiny_config("", SIZE)).save_pretrained(tmp_path / "semvae")
+    if texture == "fae":
+        FAE(**FAE.tiny_config("", SIZE)).save_pretrained(tmp_path / "fae")
+    texture_folder = request.getfixturevalue("vavae_folder") if texture == "vavae" else tmp_path / "fae"
     urls = {}
-    for name, tok in (("texture", vavae_folder), ("semantic", tmp_path / "semvae")):
+    for name, tok in (("texture", texture_folder), ("semantic", tmp_path / "semvae")):
         urls[name] = str(tmp_path / f"{name}.zarr")
         main(["--tokenizer", str(tok), "--data", "synthetic", "--out", urls[name], "--sample-posterior", "--workers", "0",
               "--batch-size", "8", f"data.num_images={N}", f"data.image_size={SIZE}"]
              + (["--noise-seed", "1"] if name == "semantic" else []))
-    sfd = {"groups": [{"name": "texture", "stores": [urls["texture"]], "tokenizer": str(vavae_folder)},
+    sfd = {"groups": [{"name": "texture", "stores": [urls["texture"]], "tokenizer": str(texture_folder)},
                       {"name": "semantic", "stores": [urls["semantic"]], "tokenizer": str(tmp_path / "semvae")}]}
     info = latent_info(sfd)
     assert info.latent_shape == (24, 2, 2) and [(g.name, g.channels) for g in info.channel_groups] == [
         ("texture", 8), ("semantic", 16)]
     x, _ = build_latent_loader(sfd, BATCH, seed=0).batch(0)
-    expected = decode_latents({"stores": [urls["texture"]], "tokenizer": str(vavae_folder)}, x[:, :8])
+    expected = decode_latents({"stores": [urls["texture"]], "tokenizer": str(texture_folder)}, x[:, :8])
     assert expected.shape == (BATCH, 3, SIZE, SIZE) and torch.equal(decode_latents(sfd, x), expected)
     with pytest.raises(MismatchError, match="made by semvae, which decodes to features, not images"):
         latent_info({"groups": sfd["groups"][::-1]})

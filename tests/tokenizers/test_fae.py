@@ -102,3 +102,20 @@ def test_bad_inputs_get_clear_errors():
         fae.decode(torch.zeros(1, 4, 4, 4))
     with pytest.raises(UserError, match="multiple of its cell 8"):
         FAE(**{**TINY, "image_size": 36})
+
+
+@pytest.mark.parametrize("encoder, tokens", [("dinov2_b", 4), ("siglip2_b", 4), ("dinov3_b", 4)])
+def test_other_frozen_encoders_give_the_same_latent_grid(monkeypatch, encoder, tokens):
+    """DINOv2 (patch 14, fed 28 px for 32) and the patch-16 SigLIP2 and DINOv3 (fed 32 px) all give a 2 x 2 grid at
+    cell 16; one narrow block of each real architecture keeps it fast."""
+    import dataclasses
+
+    from tokenizers.encoders import ENCODERS
+
+    spec = ENCODERS[encoder]
+    monkeypatch.setitem(ENCODERS, encoder, dataclasses.replace(
+        spec, timm_kwargs={**spec.timm_kwargs, "embed_dim": 64, "depth": 1, "num_heads": 2}))
+    fae = FAE(**{**TINY, "encoder": encoder, "cell": 16, "encoder_depth": None, "decoder_heads": 2}).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert fae.features(images).shape == (2, tokens, 64)
+    assert fae.encode(images).shape == (2, 8, 2, 2) and fae.decode(fae.encode(images)).shape == (2, 3, 32, 32)

@@ -13,7 +13,7 @@ from core.log import read_jsonl
 from core.runtime import step_generators
 from tokenizers import fae_train
 from tokenizers import train as trainer
-from tokenizers.base import load_tokenizer
+from tokenizers.base import load_tokenizer, open_tokenizer
 from tokenizers.encoders import ENCODERS
 
 SMALL = {"embed_dim": 64, "depth": 1, "num_heads": 2}  # one narrow block of the real DINOv2-B architecture
@@ -95,6 +95,7 @@ def test_each_stage_resumes_exactly(small_encoders, tmp_path, killed_after_check
         assert metrics[0]["family"] == f"fae_{stage}" and metrics[-1]["event"] == "exported"
         tok = load_tokenizer(whole / "tokenizer")
         assert (tok.pixel_decoder is None) == (stage == "feature")
+        assert open_tokenizer(str(whole))[1]["config"] == tok.config  # --tokenizer <run> takes the run's export
         previous = whole
     # The pixel stage kept the feature stage's VAE; the fine-tune changed only the pixel decoder.
     feature, pixel, finetune = (load_file(str(tmp_path / s / "whole" / "tokenizer/model.safetensors"))
@@ -116,3 +117,15 @@ def test_a_stage_without_its_previous_run_names_the_folder_before_any_work(small
     with pytest.raises(ConfigError, match="noise.sigma 0.4 is the paper's value for DINOv2; for encoder siglip2_b"):
         fae_train.noise_sigma(tiny_cfg("pixel", tmp_path / "run", "model.encoder=siglip2_b"), None)
     assert not (tmp_path / "run").exists()
+
+
+def test_sigma_is_scaled_by_the_mean_token_norm_against_the_reference(small_encoders, monkeypatch, tmp_path):
+    spec = ENCODERS["siglip2_b"]
+    monkeypatch.setitem(ENCODERS, "siglip2_b", dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, **SMALL}))
+    cfg = tiny_cfg("pixel", tmp_path / "run", "model.encoder=siglip2_b", "noise.norm_reference=2.0",
+                   "noise.norm_images=4")
+    tok = fae_train.build_fae(fae_train.fae_model_kwargs(cfg, "tiny"))
+    images = next(iterate_images(fae_train.build_source(cfg.data), 4)).images
+    norm = tok.features(images).norm(dim=-1).mean().item()
+    assert fae_train.noise_sigma(cfg, tok) == pytest.approx(0.4 * norm / 2.0)
+    assert fae_train.noise_sigma(tiny_cfg("pixel", tmp_path / "run"), tok) == 0.4  # DINOv2: the paper's value
