@@ -84,7 +84,7 @@ def test_key_value_commands_list_families_groups_and_commented_keys(capsys):
 
 def test_typos_name_the_nearest_valid_choice(made, capsys):
     assert failure("tokenizers.train", ["vavea"], capsys) == (
-        "error: unknown tokenizer family 'vavea'; did you mean 'vavae'?; trainable here: rae, semvae, vavae")
+        "error: unknown tokenizer family 'vavea'; did you mean 'vavae'?; trainable here: fae, rae, semvae, vavae")
     assert "did you mean 'optim.lr'" in failure("tokenizers.train", ["vavae", "generator.train.lr=1"], capsys)
     assert "'generator.train.lr' in the command line; did you mean 'train.lr'" in failure(
         "generators.train", ["--latent", str(made / "lat.yaml"), "generator.train.lr=1"], capsys)

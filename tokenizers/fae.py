@@ -39,8 +39,9 @@ from core.checkpoint import check_keys
 from core.errors import UnknownNameError, UserError
 from core.positions import sincos_pos_embed_2d
 from core.transformer import Attention, RMSNorm, VisionRoPE2D, make_ffn
-from tokenizers.base import Tokenizer, register
+from tokenizers.base import register
 from tokenizers.encoders import ENCODERS, FrozenEncoder, build_feature_encoder
+from tokenizers.feature_vae import FeatureVAETokenizer
 from tokenizers.rae import DECODERS, ViTDecoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
@@ -135,7 +136,7 @@ class FeatureVAE(nn.Module):
 
 
 @register("fae")
-class FAE(Tokenizer):
+class FAE(FeatureVAETokenizer):
     """FAE: images [B, 3, S, S] in [-1, 1] -> latents [B, 32, S/16, S/16] -> features -> images. The defaults are
     the paper's ImageNet model (DINOv2-g/14 without registers, a 32-channel latent, an L pixel decoder).
 
@@ -170,45 +171,6 @@ class FAE(Tokenizer):
                               decoder_heads, mlp_ratio)
         self.pixel_decoder = None if pixel_decoder is None else ViTDecoder(dim, self.grid, **DECODERS[pixel_decoder],
                                                                           patch=cell)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.latent_channels
-
-    @property
-    def feature_shape(self) -> tuple[int, int]:
-        """(tokens, dim) of the frozen encoder's features and of ``decode_features``' output."""
-        return self.grid**2, self.vae.feature_dim
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's patch tokens [B, L, D] of images [B, 3, S, S] in [-1, 1]."""
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
-            raise UserError(f"FAE expects images [B, 3, {self.image_size}, {self.image_size}], got {tuple(images.shape)}")
-        return self.feature_encoder(images)
-
-    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance [B, C, h, w] of q(z | images) (latents.extract --sample-posterior uses this)."""
-        return self.vae.posterior(self.features(images))
-
-    def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.encode_features(self.features(images), sample, generator)
-
-    def encode_features(self, features: torch.Tensor, sample: bool = False,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Features [B, L, D] -> latents [B, C, h, w]: the posterior mean, or a sample when `sample` (noise from
-        `generator`, on its device, else the global RNG)."""
-        mean, logvar = self.vae.posterior(features)
-        if not sample:
-            return mean
-        device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-        return mean + torch.exp(0.5 * logvar) * noise
-
-    def decode_features(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] -> reconstructed encoder features [B, h*w, D]."""
-        return self.vae.decode(latents)
 
     def decode_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """Features [B, L, D] (real, noisy or reconstructed) -> images [B, 3, S, S] in [-1, 1] (not clamped)."""

@@ -42,7 +42,7 @@ from core.runtime import (RunFolder, StepMeans, fused_adam_kwargs, make_accelera
 from tokenizers.base import Tokenizer
 from tokenizers.encoders import ENCODERS
 from tokenizers.losses import kl_loss
-from tokenizers.recipe import Family, init_weights, with_module
+from tokenizers.recipe import Family, export_tokenizer, init_weights, with_module
 
 log = get_logger("tokenizers.train")
 
@@ -271,14 +271,8 @@ def train(cfg: DictConfig, family_cls: type[FeatureFamily]) -> Path:
             break
     bar.close()
 
-    if acc.is_main_process:
-        final = with_module(tokenizer, "vae", ema.model) if ema is not None else tokenizer
-        final.save_pretrained(run.path / "tokenizer")
-        run.log(event="exported", step=step, tokenizer=str(run.path / "tokenizer"), ema=ema is not None)
-        log.info("tokenizer saved to %s", run.path / "tokenizer")
-    acc.wait_for_everyone()
-    acc.end_training()
-    return run.path
+    final = with_module(tokenizer, "vae", ema.model) if ema is not None else tokenizer
+    return export_tokenizer(run, acc, final, step, ema is not None)
 
 
 def train_step(acc: Any, cfg: DictConfig, model: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor,

@@ -136,3 +136,15 @@ def init_weights(path: Path, model: nn.Module, disc: nn.Module | None = None) ->
     if disc is not None:
         disc.load_state_dict(load_safetensors(path / "model_1.safetensors"), strict=True)
     get_logger(__name__).info("initialised from %s", path)
+
+
+def export_tokenizer(run: Any, acc: Any, tokenizer: Tokenizer, step: int, ema: bool) -> Path:
+    """A run's end: the main process saves the tokenizer (the EMA view when `ema`) to `<run>/tokenizer` and logs it;
+    every process waits and ends the training. Returns the run folder."""
+    if acc.is_main_process:
+        tokenizer.save_pretrained(run.path / "tokenizer")
+        run.log(event="exported", step=step, tokenizer=str(run.path / "tokenizer"), ema=ema)
+        get_logger(__name__).info("tokenizer saved to %s", run.path / "tokenizer")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return run.path

@@ -36,8 +36,9 @@ from torch import nn
 
 from core.checkpoint import check_keys, load_torch_weights
 from core.errors import MismatchError, UserError
-from tokenizers.base import Tokenizer, register
+from tokenizers.base import register
 from tokenizers.encoders import FrozenEncoder, build_feature_encoder
+from tokenizers.feature_vae import FeatureVAETokenizer
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 PATCH = 16  # image pixels per latent position, each side, as released (DINOv2's 14 px patches of the 224 px resize)
@@ -109,7 +110,7 @@ class SemanticVAE(nn.Module):
 
 
 @register("semvae")
-class SemVAE(Tokenizer):
+class SemVAE(FeatureVAETokenizer):
     """SFD's SemVAE: images [B, 3, S, S] in [-1, 1] -> latents [B, 16, S/16, S/16] -> DINOv2 features
     [B, (S/16)², 768]. The defaults are the release (57,924,896 parameters in ``vae``).
 
@@ -141,47 +142,8 @@ class SemVAE(Tokenizer):
         self.vae = SemanticVAE(self.feature_encoder.feature_dim, hidden_dim, depth, num_heads, mlp_ratio,
                                latent_channels)
 
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.latent_channels
-
-    @property
-    def feature_shape(self) -> tuple[int, int]:
-        """(tokens, dim) of ``decode``'s output and ``encode_features``' input."""
-        return (self.image_size // self.downsample) ** 2, self.vae.feature_dim
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's patch tokens [B, L, D] of images [B, 3, S, S] in [-1, 1]."""
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
-            raise UserError(f"SemVAE expects images [B, 3, {self.image_size}, {self.image_size}], got {tuple(images.shape)}")
-        return self.feature_encoder(images)
-
-    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance [B, C, h, w] of q(z | images) (latents.extract --sample-posterior uses this)."""
-        return self.vae.posterior(self.features(images))
-
-    def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.encode_features(self.features(images), sample, generator)
-
-    def encode_features(self, features: torch.Tensor, sample: bool = False,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Features [B, L, D] -> latents [B, C, sqrt(L), sqrt(L)]: the posterior mean, or a sample when `sample`
-        (noise from `generator`, on its device, else the global RNG)."""
-        mean, logvar = self.vae.posterior(features)
-        if not sample:
-            return mean
-        device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-        return mean + torch.exp(0.5 * logvar) * noise
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> DINOv2 features [B, h*w, D] (``decodes_to = "features"``: not images)."""
-        return self.vae.decode(latents)
-
-    def decode_features(self, latents: torch.Tensor) -> torch.Tensor:
-        """``decode`` under the name that says what it gives."""
         return self.vae.decode(latents)
 
     def saved_state_dict(self) -> dict[str, torch.Tensor]:

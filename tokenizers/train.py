@@ -48,7 +48,7 @@ from tokenizers import rae_train  # noqa: F401  (registers rae)
 from tokenizers import semvae_train  # noqa: F401  (registers semvae)
 from tokenizers import fae_train  # noqa: F401  (registers fae)
 from tokenizers.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
-from tokenizers.recipe import FAMILIES, Family, init_weights
+from tokenizers.recipe import FAMILIES, Family, export_tokenizer, init_weights
 
 log = get_logger("tokenizers.train")
 
@@ -191,14 +191,8 @@ def train(family_name: str, cfg: DictConfig) -> Path:
             break
     bar.close()
 
-    if acc.is_main_process:
-        final = ema_tokenizer if ema_tokenizer is not None else raw.tokenizer
-        final.save_pretrained(run.path / "tokenizer")
-        run.log(event="exported", step=step, tokenizer=str(run.path / "tokenizer"), ema=ema is not None)
-        log.info("tokenizer saved to %s", run.path / "tokenizer")
-    acc.wait_for_everyone()
-    acc.end_training()
-    return run.path
+    final = ema_tokenizer if ema_tokenizer is not None else raw.tokenizer
+    return export_tokenizer(run, acc, final, step, ema is not None)
 
 
 def train_step(acc: Any, cfg: DictConfig, family: Family, gen: tuple, dis: tuple, images: torch.Tensor,

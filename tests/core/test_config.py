@@ -77,9 +77,11 @@ def test_split_cli():
 
 
 def test_repo_presets_only_name_known_sections():
-    """Every section of every shipped preset names a stage folder or a family file."""
+    """Every section of every shipped preset names a stage folder, a family file or a stage of a staged family file
+    (fae_pixel)."""
     stages = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
     families = {p.stem for p in config.CONFIG_DIR.glob("*/*.yaml")}
+    families |= {f"{p.stem}_{s}" for p in config.CONFIG_DIR.glob("*/*.yaml") for s in OmegaConf.load(p).get("stages") or {}}
     for preset in (config.CONFIG_DIR / "preset").glob("*.yaml"):
         doc = OmegaConf.load(preset) or {}
         for section in doc:
