@@ -41,7 +41,7 @@ from core.positions import sincos_pos_embed_2d
 from core.transformer import Attention, RMSNorm, VisionRoPE2D, make_ffn
 from tokenizers.base import register
 from tokenizers.encoders import ENCODERS, FrozenEncoder, build_feature_encoder
-from tokenizers.feature_vae import FeatureVAETokenizer
+from tokenizers.feature_vae import FeatureVAETokenizer, TokenVAE
 from tokenizers.rae import DECODERS, ViTDecoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
@@ -102,7 +102,7 @@ class FeatureDecoder(nn.Module):
         return x
 
 
-class FeatureVAE(nn.Module):
+class FeatureVAE(TokenVAE):
     """The feature stage's trained part: features [B, L, D] <-> latents [B, C, h, w] (h = w = sqrt(L)), with the
     interface of SemVAE's (posterior, decode, forward), so that one feature-VAE loop trains both."""
 
@@ -128,11 +128,6 @@ class FeatureVAE(nn.Module):
         if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
             raise UserError(f"FAE expects latents [B, {', '.join(map(str, expected))}], got {tuple(latents.shape)}")
         return self.decoder(latents.flatten(2).transpose(1, 2))
-
-    def forward(self, features: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(reconstructed features of the sample mean + std * noise, mean, logvar): the training pass."""
-        mean, logvar = self.posterior(features)
-        return self.decode(mean + torch.exp(0.5 * logvar) * noise.to(mean)), mean, logvar
 
 
 @register("fae")

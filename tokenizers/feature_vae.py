@@ -1,6 +1,6 @@
 """What SemVAE (tokenizers/semvae.py) and FAE (tokenizers/fae.py) share: a VAE over a frozen encoder's patch tokens.
 
-A subclass builds ``feature_encoder`` (tokenizers.encoders.build_feature_encoder) and ``vae``, a module with
+A subclass builds ``feature_encoder`` (tokenizers.encoders.build_feature_encoder) and ``vae``, a ``TokenVAE`` with
 ``posterior(features) -> (mean, logvar)`` [B, C, h, w], ``decode(latents) -> features`` [B, h*w, D], and the
 attributes ``latent_channels`` and ``feature_dim``; it sets ``image_size`` and ``downsample`` (image pixels per latent
 position). The frozen encoder's weights are never saved: they come from their file or seed again.
@@ -12,6 +12,22 @@ import torch
 from core.errors import UserError
 from tokenizers.base import Tokenizer
 from tokenizers.encoders import FrozenEncoder
+
+
+class TokenVAE(torch.nn.Module):
+    """A VAE of tokens; a subclass supplies ``posterior`` and ``decode``. No parameters of its own, so a subclass
+    keeps its official state_dict names."""
+
+    def posterior(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(reconstructed features of the sample mean + std * noise, mean, logvar): the training pass."""
+        mean, logvar = self.posterior(features)
+        return self.decode(mean + torch.exp(0.5 * logvar) * noise.to(mean)), mean, logvar
 
 
 class FeatureVAETokenizer(Tokenizer):

@@ -38,7 +38,7 @@ from core.checkpoint import check_keys, load_torch_weights
 from core.errors import MismatchError, UserError
 from tokenizers.base import register
 from tokenizers.encoders import FrozenEncoder, build_feature_encoder
-from tokenizers.feature_vae import FeatureVAETokenizer
+from tokenizers.feature_vae import FeatureVAETokenizer, TokenVAE
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 PATCH = 16  # image pixels per latent position, each side, as released (DINOv2's 14 px patches of the 224 px resize)
@@ -77,7 +77,7 @@ def token_grid(tokens: int) -> int:
     return side
 
 
-class SemanticVAE(nn.Module):
+class SemanticVAE(TokenVAE):
     """The trained part: features [B, L, D] <-> latents [B, C, h, w] (h = w = sqrt(L)); the official module's
     state_dict exactly (``encoder.*``, ``decoder.*``)."""
 
@@ -102,11 +102,6 @@ class SemanticVAE(nn.Module):
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise UserError(f"SemVAE expects latents [B, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
         return self.decoder(latents.flatten(2).transpose(1, 2))
-
-    def forward(self, features: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(reconstructed features of the sample mean + std * noise, mean, logvar): the training pass."""
-        mean, logvar = self.posterior(features)
-        return self.decode(mean + torch.exp(0.5 * logvar) * noise.to(mean)), mean, logvar
 
 
 @register("semvae")
