@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from omegaconf import OmegaConf
+
 from core.config import CONFIG_DIR, available
 from core.errors import UserError
 
@@ -101,17 +103,34 @@ def key_comments(path: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def config_help(stage: str, family: str | None = None) -> str:
-    """The keys of configs/<stage>/base.yaml and of the family file, each with its value and one-line comment."""
-    files = [CONFIG_DIR / stage / "base.yaml"] + ([CONFIG_DIR / stage / f"{family}.yaml"] if family else [])
+def config_help(group: str, family: str | None = None) -> str:
+    """The keys of configs/<group>/base.yaml and of the family file, each with its value and one-line comment; for a
+    staged family file (FAE), one line per stage with what `stage=<name>` sets instead of its `stages` section."""
+    files = [CONFIG_DIR / group / "base.yaml"] + ([CONFIG_DIR / group / f"{family}.yaml"] if family else [])
     merged: dict[str, str] = {}
     for f in files:
         for key, text in key_comments(f):
-            merged[key] = text
+            if key != "stages" and not key.startswith("stages."):
+                merged[key] = text
     width = max(len(k) for k in merged)
     lines = [f"keys (key=value; documented in {', '.join(str(f.relative_to(CONFIG_DIR.parent)) for f in files)}):"]
     lines += [f"  {k.ljust(width)}  {v}".rstrip() for k, v in merged.items()]
+    stages = OmegaConf.load(files[-1]).get("stages") if family else None
+    if stages:
+        lines += ["", "stages (stage=<name> applies its recipe over the keys above; the command line comes after it):"]
+        lines += [f"  {name}: " + " ".join(f"{k}={v}" for k, v in _dotted(OmegaConf.to_container(part)))
+                  for name, part in stages.items()]
     return "\n".join(lines)
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def groups_help(*groups: str) -> str:

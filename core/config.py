@@ -120,23 +120,23 @@ def _parse_value(value: str) -> Any:
 
 
 def compose(
-    stage: str,
+    group: str,
     family: str | None = None,
     preset: str | None = None,
     overrides: Iterable[str] = (),
 ) -> DictConfig:
     """Compose the config of one command.
 
-    stage: folder under configs/ holding ``base.yaml`` and the family files.
+    group: folder under configs/ holding ``base.yaml`` and the family files (tokenizer, generator, ...).
     """
-    cfg = load_yaml(CONFIG_DIR / stage / "base.yaml")
+    cfg = load_yaml(CONFIG_DIR / group / "base.yaml")
     free = open_paths(cfg)  # free-form in base (model.options) stays so after a family file or preset fills it
     if family is not None:
         # A family file may add its own keys (its model's options); later layers may not.
-        cfg = OmegaConf.merge(cfg, named_config(stage, family))
+        cfg = OmegaConf.merge(cfg, named_config(group, family))
         free += [p for p in open_paths(cfg) if p not in free]
     pairs = parse_overrides(overrides)
-    sections = [stage, family]
+    sections = [group, family]
     if family is not None and "stages" in cfg:
         cfg, pairs = _select_stage(cfg, pairs, family, free)
         sections.append(f"{family}_{cfg.stage}")
@@ -183,13 +183,17 @@ def _select_stage(cfg: DictConfig, pairs: list[tuple[str, Any]], family: str,
 
 
 def _apply_preset(cfg: DictConfig, preset: str, sections: list[str | None], free: list[str]) -> DictConfig:
-    """A preset file holds sections named after a stage (``tokenizer``), a family (``vavae``) or a family's stage
-    (``fae_pixel``), applied in that order."""
+    """A preset file holds sections named after a config group (``tokenizer``), a family (``vavae``) or a staged
+    family's stage (``fae_pixel``), applied in that order. A preset may not pick the stage: its recipe is chosen first."""
     doc = named_config("preset", preset)
+    where = preset if preset.endswith((".yaml", ".yml")) else f"preset/{preset}.yaml"
     for section in sections:
         if section is not None and section in doc:
             part = doc[section]
-            _check_known(cfg, part, f"preset/{preset}.yaml [{section}]", free)
+            if "stages" in part or ("stage" in part and "stage" in cfg):
+                raise ConfigError(f"{where} [{section}]: a staged family's stage is chosen by stage=<name> "
+                                  "on the command line, not by a preset")
+            _check_known(cfg, part, f"{where} [{section}]", free)
             cfg = OmegaConf.merge(cfg, part)
     return cfg
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from core.config import ConfigError
 from core.errors import MismatchError
+from core.integrity import sha256_file
 from core.images import build_source, iterate_images
 from core.log import get_logger
 from tokenizers.base import Tokenizer, read_config
@@ -35,8 +36,8 @@ from tokenizers.recipe import Family, trainable, with_module
 
 log = get_logger("tokenizers.train")
 
-STAGE_ORDER = ("feature", "pixel", "finetune")
-DINOV2_SIGMA_ENCODERS = ("dinov2_",)  # the paper's sigma 0.4 is DINOv2's; other encoders scale it by their norm
+# The paper's sigma 0.4 is DINOv2-g/14's; we apply it unscaled to every DINOv2 [ours], other encoders scale it.
+DINOV2_SIGMA_ENCODERS = ("dinov2_",)
 # model.* keys a later stage takes from the previous stage's tokenizer; its own config must agree on them.
 SHARED_MODEL_KEYS = ("encoder", "random_init", "latent_channels", "num_heads", "head_dim", "encoder_act",
                      "decoder_depth", "decoder_heads", "mlp_ratio", "cell", "encoder_depth")
@@ -57,15 +58,19 @@ def build_fae(kwargs: dict[str, Any]) -> FAE:
         raise FileNotFoundError(f"{e} [in this config: model.encoder_weights=<file>, or model.random_init=true]") from e
 
 
+def previous_stage(cfg: DictConfig) -> str:
+    order = list(STAGES)  # each stage reads the export of the one before it
+    return order[order.index(cfg.stage) - 1]
+
+
 def previous_run(cfg: DictConfig) -> Path:
     """The previous stage's run folder: `previous`, or that stage's default folder."""
-    before = STAGE_ORDER[STAGE_ORDER.index(cfg.stage) - 1]
-    return Path(cfg.previous or f"runs/tokenizer/fae_{before}")
+    return Path(cfg.previous or f"runs/tokenizer/fae_{previous_stage(cfg)}")
 
 
 def previous_tokenizer(cfg: DictConfig) -> Path:
     """The previous stage's exported tokenizer folder, checked before any network is built."""
-    before = STAGE_ORDER[STAGE_ORDER.index(cfg.stage) - 1]
+    before = previous_stage(cfg)
     folder = previous_run(cfg) / "tokenizer"
     if not (folder / "config.yaml").is_file():
         raise FileNotFoundError(f"stage={cfg.stage} trains on the {before} stage's tokenizer {folder}, which is not "
@@ -74,6 +79,9 @@ def previous_tokenizer(cfg: DictConfig) -> Path:
     saved = read_config(folder)
     if saved.get("family") != "fae":
         raise MismatchError(f"previous={previous_run(cfg)}: its tokenizer is a {saved.get('family')!r}, not an FAE")
+    if cfg.stage == "finetune" and saved.get("pixel_decoder") is None:
+        raise MismatchError(f"previous={previous_run(cfg)}: a feature-stage export (no pixel decoder); stage=finetune "
+                            "fine-tunes the pixel stage's decoder: give the pixel stage's run folder")
     keys = SHARED_MODEL_KEYS + (("pixel_decoder",) if cfg.stage == "finetune" else ())
     differ = {k: (saved.get(k), cfg.model[k]) for k in keys if saved.get(k) != cfg.model[k]}
     if saved.get("image_size") != cfg.data.image_size:
@@ -93,6 +101,8 @@ class FeatureStage(FeatureFamily):
 
     def __init__(self, cfg: DictConfig):
         check_config(cfg)
+        if cfg.previous is not None:
+            raise ConfigError(f"previous={cfg.previous}: stage=feature is the first stage and reads no other run")
         self.cfg = cfg
         self.tokenizer = build_fae(fae_model_kwargs(cfg, pixel_decoder=None))
         self.model = self.tokenizer.vae
@@ -135,6 +145,18 @@ class PixelModel(nn.Module):
         return self.decoder(inputs), clean
 
 
+def check_pixel_config(cfg: DictConfig) -> None:
+    """What the pixel stages refuse before any work (the model keys are checked against the previous export)."""
+    if cfg.model.pixel_decoder is None:
+        raise ConfigError(f"model.pixel_decoder: stage={cfg.stage} trains the pixel decoder; name its size")
+    if cfg.features.store:
+        raise ConfigError(f"features.store: stage={cfg.stage} trains on images (the store's features are the feature "
+                          "stage's data)")
+    if cfg.optim.weight_decay:
+        raise ConfigError(f"optim.weight_decay {cfg.optim.weight_decay}: the pixel stages' optimiser is the shared GAN "
+                          "loop's Adam, without weight decay")
+
+
 def noise_sigma(cfg: DictConfig, tokenizer: FAE) -> float:
     """Stage pixel's noise level: `noise.sigma` (the paper's 0.4 for DINOv2), scaled by this encoder's mean token
     norm over the first `noise.norm_images` images divided by `noise.norm_reference` (DINOv2's) when that is set."""
@@ -148,8 +170,13 @@ def noise_sigma(cfg: DictConfig, tokenizer: FAE) -> float:
         return float(n.sigma)
     if n.norm_images == 0:
         return float(n.sigma) / float(n.norm_reference)
+    # On the GPU when there is one (the frozen encoder is moved back after): DINOv2-g over 256 images.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = tokenizer.feature_encoder.to(device)
     batch = next(iterate_images(build_source(cfg.data), n.norm_images)).images
-    norm = tokenizer.features(batch.float()).norm(dim=-1).mean().item()
+    with torch.no_grad():
+        norm = torch.cat([encoder(chunk.to(device)).norm(dim=-1).flatten().cpu() for chunk in batch.split(32)]).mean().item()
+    tokenizer.feature_encoder.to("cpu")
     log.info("noise: mean token norm %.4g over %d images; sigma %.4g", norm, len(batch), n.sigma * norm / n.norm_reference)
     return float(n.sigma) * norm / float(n.norm_reference)
 
@@ -160,9 +187,10 @@ class PixelStage(RAEFamily):
     name = "fae_pixel"
 
     def __init__(self, cfg: DictConfig):  # not RAEFamily's, which builds an RAE
-        check_config(cfg)
+        check_pixel_config(cfg)
         self.cfg = cfg
         folder = previous_tokenizer(cfg)
+        record_previous(cfg, folder)
         saved = {**read_config(folder), "pixel_decoder": cfg.model.pixel_decoder,
                  "encoder_weights": cfg.model.encoder_weights}
         saved.pop("family")
@@ -184,7 +212,7 @@ class PixelStage(RAEFamily):
     @classmethod
     def source(cls, cfg: DictConfig) -> Any:
         """ADM centre crops at data.image_size (the paper's preprocessing; no random crop, no flip)."""
-        check_config(cfg)
+        check_pixel_config(cfg)
         previous_tokenizer(cfg)  # a missing previous stage stops the run before the data is scanned
         return build_source(cfg.data)
 
@@ -226,6 +254,12 @@ class FinetuneStage(PixelStage):
         tokenizer = build_fae(config)
         tokenizer.load_saved_state_dict(load_file(str(folder / "model.safetensors")))
         return tokenizer
+
+
+def record_previous(cfg: DictConfig, folder: Path) -> None:
+    """The previous export's sha256 in the run's config, so that a resumed run refuses to continue on another one
+    (a previous stage retrained or extended meanwhile)."""
+    cfg.previous_sha256 = sha256_file(folder / "model.safetensors")
 
 
 STAGES: dict[str, type[Family]] = {"feature": FeatureStage, "pixel": PixelStage, "finetune": FinetuneStage}

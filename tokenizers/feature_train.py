@@ -204,7 +204,6 @@ class FeatureFamily(Family):
     `feature_shape`, `feature_encoder`, and its trained VAE as the module `vae`) and `model` (that VAE; SemVAE's and
     FAE's have one interface: posterior, decode, forward)."""
 
-    name: str
     tokenizer: Tokenizer
 
     @classmethod

@@ -26,8 +26,6 @@ from tokenizers.semvae import SemVAE
 class SemVAEFamily(FeatureFamily):
     """SemVAE (SFD's semantic VAE): a transformer VAE of frozen DINOv2 features, MSE + cosine + KL, no GAN."""
 
-    name = "semvae"
-
     def __init__(self, cfg: DictConfig):
         check_config(cfg)
         self.cfg = cfg

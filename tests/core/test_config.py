@@ -86,3 +86,15 @@ def test_repo_presets_only_name_known_sections():
         doc = OmegaConf.load(preset) or {}
         for section in doc:
             assert section in stages | families, f"{preset.name}: section {section!r} matches no stage or family"
+
+
+def test_a_staged_family_takes_its_stage_from_the_command_line_not_a_preset(tmp_path):
+    """FAE's `stage=` picks a recipe under the presets and the command line; a preset section of that stage
+    (fae_pixel) applies, one that picks the stage itself is refused."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("fae_pixel: {train: {steps: 7}}\nfae_feature: {train: {steps: 9}}\n")
+    cfg = config.compose("tokenizer", "fae", str(preset), ["stage=pixel", "train.batch_size=3"])
+    assert (cfg.stage, cfg.train.steps, cfg.train.batch_size, cfg.loss.disc_start) == ("pixel", 7, 3, 400000)
+    preset.write_text("fae: {stage: pixel}\n")
+    with pytest.raises(config.ConfigError, match=r"p.yaml \[fae\]: a staged family's stage is chosen by stage="):
+        config.compose("tokenizer", "fae", str(preset))

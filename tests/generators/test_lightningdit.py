@@ -205,7 +205,7 @@ def test_the_fae_recipe_composes_with_the_papers_settings():
     with torch.device("meta"):
         assert sum(p.numel() for p in build_generator(cfg.model).parameters()) == 675_256_736  # the paper's 675.26M
     t = cfg.train
-    assert (t.lr, list(t.betas), t.global_batch, t.steps) == (1e-4, [0.9, 0.999], 512, 2_000_000)
+    assert (t.lr, list(t.betas), t.global_batch, t.steps) == (1e-4, [0.9, 0.95], 512, 2_000_000)
     # The trainer has no lr schedule (constant, no warm-up): a key for one would have to be set here.
     assert not [k for k in dotted_keys(t) if "warmup" in k or "schedule" in k]
     s = cfg.sample

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.config import ConfigError, compose
-from core.errors import MismatchError
+from core.errors import MismatchError, UserError
 from core.images import iterate_images
 from core.log import read_jsonl
 from core.runtime import step_generators
@@ -93,6 +93,11 @@ def test_each_stage_resumes_exactly(small_encoders, tmp_path, killed_after_check
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{stage}: {name} differs"
         metrics = read_jsonl(whole / "metrics.jsonl")
         assert metrics[0]["family"] == f"fae_{stage}" and metrics[-1]["event"] == "exported"
+        key = "loss" if stage == "feature" else "l1"
+        losses = [m[key] for m in metrics if key in m]
+        assert len(losses) == 6 and losses[-1] < losses[0], f"{stage}: {key} did not fall: {losses}"
+        if stage != "feature":  # only the pixel decoder trains: the frozen parts stay out of the checkpoint
+            assert all(k.startswith("decoder.") for k in load_file(str(whole / ckpt / "model.safetensors")))
         tok = load_tokenizer(whole / "tokenizer")
         assert (tok.pixel_decoder is None) == (stage == "feature")
         assert open_tokenizer(str(whole))[1]["config"] == tok.config  # --tokenizer <run> takes the run's export
@@ -104,7 +109,8 @@ def test_each_stage_resumes_exactly(small_encoders, tmp_path, killed_after_check
     assert any(not torch.equal(pixel[k], finetune[k]) for k in pixel if k.startswith("pixel_decoder."))
 
 
-def test_a_stage_without_its_previous_run_names_the_folder_before_any_work(small_encoders, tmp_path):
+def test_a_stage_without_its_previous_run_names_the_folder_before_any_work(small_encoders, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default previous folders are relative to the working directory
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere' / 'tokenizer'}, which is not there"):
         trainer.main(["fae", "stage=pixel", *TINY, f"previous={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(FileNotFoundError, match="runs/tokenizer/fae_pixel/tokenizer"):
@@ -113,6 +119,16 @@ def test_a_stage_without_its_previous_run_names_the_folder_before_any_work(small
     feature = trainer.train("fae", tiny_cfg("feature", tmp_path / "feature", "train.steps=1"))
     with pytest.raises(MismatchError, match="latent_channels 8 \\(this config: 4\\)"):
         trainer.main(["fae", "stage=pixel", *TINY, "model.latent_channels=4", f"previous={feature}",
+                      f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(MismatchError, match="a feature-stage export .no pixel decoder.; stage=finetune"):
+        trainer.main(["fae", "stage=finetune", *TINY, f"previous={feature}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="stage=feature is the first stage"):
+        trainer.main(["fae", "stage=feature", *TINY, f"previous={feature}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="model.pixel_decoder: stage=pixel trains the pixel decoder"):
+        trainer.main(["fae", "stage=pixel", *TINY, "model.pixel_decoder=null", f"previous={feature}",
+                      f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="optim.weight_decay 0.01: the pixel stages' optimiser"):
+        trainer.main(["fae", "stage=pixel", *TINY, "optim.weight_decay=0.01", f"previous={feature}",
                       f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="noise.sigma 0.4 is the paper's value for DINOv2; for encoder siglip2_b"):
         fae_train.noise_sigma(tiny_cfg("pixel", tmp_path / "run", "model.encoder=siglip2_b"), None)
@@ -129,3 +145,19 @@ def test_sigma_is_scaled_by_the_mean_token_norm_against_the_reference(small_enco
     norm = tok.features(images).norm(dim=-1).mean().item()
     assert fae_train.noise_sigma(cfg, tok) == pytest.approx(0.4 * norm / 2.0)
     assert fae_train.noise_sigma(tiny_cfg("pixel", tmp_path / "run"), tok) == 0.4  # DINOv2: the paper's value
+
+
+def test_a_resumed_stage_refuses_a_previous_export_that_changed(small_encoders, tmp_path):
+    """The pixel run records the feature export's sha256; after that export is replaced (the feature stage trained
+    again), running the pixel stage on its folder again stops instead of continuing on other features."""
+    import shutil
+
+    feature = trainer.train("fae", tiny_cfg("feature", tmp_path / "feature", "train.steps=1"))
+    pixel = ["train.steps=1", f"previous={feature}"]
+    trainer.train("fae", tiny_cfg("pixel", tmp_path / "pixel", *pixel))
+    trainer.train("fae", tiny_cfg("pixel", tmp_path / "pixel", *pixel))  # unchanged: resumes (finished: returns)
+    other = trainer.train("fae", tiny_cfg("feature", tmp_path / "other", "train.steps=1", "train.seed=1"))
+    shutil.rmtree(feature / "tokenizer")
+    shutil.copytree(other / "tokenizer", feature / "tokenizer")
+    with pytest.raises(UserError, match="previous_sha256 differ"):
+        trainer.train("fae", tiny_cfg("pixel", tmp_path / "pixel", *pixel))
