@@ -15,9 +15,8 @@ Peak memory is CUDA's max_memory_allocated on GPU, the process's peak RSS on CPU
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import device_label, emit, peak_rss_mib, sync  # first: puts the repository on sys.path
+from common import device_label, emit_steps, time_steps  # first: puts the repository on sys.path
 import torch
 import torch.nn.functional as F
 
@@ -65,23 +64,11 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = time_steps(step, args.steps, device)
     config = {"stage": args.stage, "encoder": args.encoder, "batch": args.batch, "precision": precision,
               "trained_params_m": round(sum(q.numel() for q in trained.parameters()) / 1e6, 2) if trained else 0.0,
               "device": device_label(device)}
-    emit("fae_step", "images_per_s", args.batch * args.steps / seconds, "images/s", config)
-    emit("fae_step", "step_time", seconds / args.steps, "s", config)
-    if device.type == "cuda":
-        emit("fae_step", "peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB", config)
-    else:
-        emit("fae_step", "peak_rss", peak_rss_mib(), "MiB", config)
+    emit_steps("fae_step", args.batch, args.steps, seconds, device, config)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ on CPU.
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import device_label, emit, peak_rss_mib, sync  # first: puts the repository on sys.path
+from common import device_label, emit_steps, time_steps  # first: puts the repository on sys.path
 import torch
 
 from core.config import compose
@@ -88,25 +87,13 @@ def main() -> None:
 
     for _ in range(3):
         step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = time_steps(step, args.steps, device)
     n_params = sum(q.numel() for q in model.parameters())
     config = {"generator": args.generator, "params_m": round(n_params / 1e6, 2), "batch": args.batch,
               "precision": precision, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
               "optimizer": cfg.train.optimizer, "ig_depth": args.ig_depth, "repa_depth": args.repa_depth,
               "repa": args.repa if objective.repa else None, "device": device_label(device)}
-    emit("train_step", "images_per_s", args.batch * args.steps / seconds, "images/s", config)
-    emit("train_step", "step_time", seconds / args.steps, "s", config)
-    if device.type == "cuda":
-        emit("train_step", "peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB", config)
-    else:
-        emit("train_step", "peak_rss", peak_rss_mib(), "MiB", config)
+    emit_steps("train_step", args.batch, args.steps, seconds, device, config)
 
 
 if __name__ == "__main__":
