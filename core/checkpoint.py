@@ -42,11 +42,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict atomically; tensors are made contiguous and de-aliased first."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp))
+        save_file(clean, str(tmp), metadata=metadata)
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
