@@ -53,7 +53,10 @@ ENCODERS: dict[str, EncoderSpec] = {
         "vit_base_patch16_siglip_256.v2_webli", 256, 16, 0, 768, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), {"act_layer": "gelu_tanh"}
     ),
     "mae_b": EncoderSpec("vit_base_patch16_224.mae", 224, 16, 1, 768, IMAGENET_MEAN, IMAGENET_STD),
+    # DINOv3 (class + 4 register tokens): WiT's waypoint encoder, whose size the paper does not give (dinov3_b is ours).
+    "dinov3_s": EncoderSpec("vit_small_patch16_dinov3.lvd1689m", 256, 16, 5, 384, IMAGENET_MEAN, IMAGENET_STD),
     "dinov3_b": EncoderSpec("vit_base_patch16_dinov3.lvd1689m", 256, 16, 5, 768, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov3_l": EncoderSpec("vit_large_patch16_dinov3.lvd1689m", 256, 16, 5, 1024, IMAGENET_MEAN, IMAGENET_STD),
     # DINO (v1) ViT-S/8, the frozen backbone of RAE's discriminator, which runs it with the tanh GELU
     # (its own ViT code) although DINO was trained with the exact one.
     "dino_s8": EncoderSpec(

@@ -17,7 +17,9 @@ EXPECTED = {
     "dinov2_g_reg": (256, 1536),
     "siglip2_b": (256, 768),  # 256 / 16
     "mae_b": (196, 768),  # 224 / 16 = 14
-    "dinov3_b": (256, 768),  # 256 / 16
+    "dinov3_s": (256, 384),  # 256 / 16
+    "dinov3_b": (256, 768),
+    "dinov3_l": (256, 1024),
     "dino_s8": (784, 384),  # 224 / 8 = 28 (RAE's discriminator backbone)
 }
 
