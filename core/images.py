@@ -68,8 +68,17 @@ def decode(data: bytes | str | Path, where: str) -> Image.Image:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float32 CHW in [-1, 1]."""
-    arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()  # torch needs writable memory
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return to_float(to_chw(arr))
+
+
+def to_chw(arr: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> uint8 CHW, contiguous (a quarter of the float32 bytes through worker queues and to the GPU)."""
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 in [-1, 1], on the images' device (the same bits on CPU and GPU)."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 class ImageFolderSource(torch.utils.data.Dataset):
@@ -98,9 +107,12 @@ class ImageFolderSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def crop(self, i: int) -> np.ndarray:
+        """Image i, ADM-cropped: uint8 [H, W, 3]."""
+        return center_crop_arr(decode(self.files[i], str(self.files[i])), self.image_size)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = decode(self.files[i], str(self.files[i]))
-        return to_tensor(center_crop_arr(image, self.image_size)), int(self.labels[i])
+        return to_tensor(self.crop(i)), int(self.labels[i])
 
     def where(self, i: int) -> str:
         return str(self.files[i])
@@ -134,7 +146,8 @@ class HDF5Source(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def crop(self, i: int) -> np.ndarray:
+        """Image i, ADM-cropped: uint8 [H, W, 3]."""
         import h5py
 
         if self._file is None:
@@ -144,7 +157,10 @@ class HDF5Source(torch.utils.data.Dataset):
             image = decode(bytes(np.asarray(item).tobytes()), self.where(i))
         else:
             image = Image.fromarray(np.asarray(item, dtype=np.uint8))
-        return to_tensor(center_crop_arr(image, self.image_size)), int(self.labels[i])
+        return center_crop_arr(image, self.image_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return to_tensor(self.crop(i)), int(self.labels[i])
 
     def where(self, i: int) -> str:
         return f"{self.path}[{i}]"
@@ -170,7 +186,8 @@ class SyntheticSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def render(self, i: int) -> np.ndarray:
+    def crop(self, i: int) -> np.ndarray:
+        """Image i: uint8 [H, W, 3] (rendered at its size: no crop to make)."""
         rng = np.random.default_rng([self.seed, i])
         k, s = int(self.labels[i]), self.image_size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float64) / s
@@ -197,7 +214,7 @@ class SyntheticSource(torch.utils.data.Dataset):
         return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return to_tensor(self.render(i)), int(self.labels[i])
+        return to_tensor(self.crop(i)), int(self.labels[i])
 
     def where(self, i: int) -> str:
         return f"synthetic[{i}]"
@@ -234,11 +251,12 @@ class Item(NamedTuple):
 class Skipping(torch.utils.data.Dataset):
     """Wraps a source so that items carry their index and bad files become `Item(error=...)`.
 
-    With `strict`, a bad file raises instead, naming the file.
+    With `strict`, a bad file raises instead, naming the file. `uint8`: items hold the crop as uint8 [3, H, W]
+    (`to_float` makes the source's float image of it), for image stores and loaders that convert on the GPU.
     """
 
-    def __init__(self, source: Any, strict: bool = False, indices: np.ndarray | None = None) -> None:
-        self.source, self.strict = source, strict
+    def __init__(self, source: Any, strict: bool = False, indices: np.ndarray | None = None, uint8: bool = False) -> None:
+        self.source, self.strict, self.uint8 = source, strict, uint8
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
@@ -247,7 +265,7 @@ class Skipping(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> Item:
         i = int(self.indices[j])
         try:
-            image, label = self.source[i]
+            image, label = (to_chw(self.source.crop(i)), int(self.source.labels[i])) if self.uint8 else self.source[i]
         except BadImageError as e:
             if self.strict:
                 raise

@@ -54,6 +54,24 @@ latents.dataset.latent_info checks it), and group i's k-th store is joined with 
 The first group's tokenizer decodes: with the first group's statistics, on its channels only (SFD decodes the
 texture latent); the other groups' tokenizers are never loaded (SFD's semantic VAE decodes to features, not
 images).
+
+A *pixel* config trains a tokenizer-free generator (JiT, WiT) on the images themselves (latents/pixels.py):
+
+    pixels:
+      data: imagenet                      # a data config name (configs/data), YAML path or mapping: ADM centre crops
+                                          #   in [-1, 1] at its image_size, decoded by `workers` processes; may be
+                                          #   null when `store` is given (the store knows its images)
+      store: null                         # an image store (python -m latents.extract --pixels): pre-cropped uint8
+                                          #   rows instead of JPEG decoding; with `data` too, both must be one data set
+      workers: 4                          # decoding (or store-reading) processes per rank; default min(4, cores)
+    flips: true                           # as above
+    generator: jit_b16                    # as above; the default of a pixel config
+
+Only `pixels`, `flips` and `generator` are given in a pixel config: no tokenizer, statistics or stores (the images
+are the samples; latents/decode.py decodes by the identity). The spec `pixels:<data config name or YAML path>` is
+accepted wherever a latent config name is (`load_latent_config("pixels:imagenet")`, `--pixels imagenet`); with a
+preset, its section `latent.pixels` is merged into it, as `latent.<name>` into a named config (a demo preset
+points `pixels.data` or `pixels.store` there).
 """
 from __future__ import annotations
 
@@ -68,11 +86,15 @@ from core.images import default_workers
 
 LATENT_DEFAULTS = {"stores": None, "tokenizer": None, "normalization": "store", "stats": None, "online": None,
                    "multiplier": 1.0, "posterior": "stored", "flips": True, "cache_dir": None,
-                   "generator": "lightningdit_xl1", "groups": None}
+                   "generator": "lightningdit_xl1", "groups": None, "pixels": None}
 COMPOSITE_KEYS = ("groups", "cache_dir", "flips", "generator")  # the top of a composite config
 GROUP_KEYS = ("name", "stores", "tokenizer", "normalization", "stats", "multiplier", "posterior")  # the keys of a group
 POSTERIOR_MODES = ("stored", "sample")
 ONLINE_DEFAULTS = {"data": None, "workers": default_workers()}
+PIXEL_KEYS = ("pixels", "flips", "generator")  # all that a pixel config takes
+PIXEL_DEFAULTS = {"data": None, "store": None, "workers": default_workers()}
+PIXEL_GENERATOR = "jit_b16"  # a pixel config's default generator
+PIXELS_SPEC = "pixels:"  # `pixels:<data config>`: a pixel config by its data
 
 
 def _check_keys(cfg: DictConfig, known: Mapping[str, Any], what: str) -> None:
@@ -86,21 +108,28 @@ def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str 
     """A latent config by name (configs/latent), YAML path, or an already composed mapping; checked.
 
     `preset`: merge the section `latent.<name>` of configs/preset/<preset>.yaml, if it has one (a
-    name or path only; a mapping is taken as already composed).
+    name or path only; a mapping is taken as already composed). `pixels:<data config>` is a pixel config of that data
+    (module docstring), whose preset section is `latent.pixels`.
     """
     if isinstance(name_or_cfg, (str, Path)):
-        cfg = named_config("latent", str(name_or_cfg))
+        name = str(name_or_cfg)
+        cfg = pixels_spec(name) if name.startswith(PIXELS_SPEC) else named_config("latent", name)
         if preset is not None:
-            section = OmegaConf.select(named_config("preset", preset), f"latent.{Path(str(name_or_cfg)).stem}")
+            key = "pixels" if name.startswith(PIXELS_SPEC) else Path(name).stem
+            section = OmegaConf.select(named_config("preset", preset), f"latent.{key}")
             if section is not None:
                 _check_keys(section, LATENT_DEFAULTS, f"preset/{preset}.yaml latent config")
                 cfg = OmegaConf.merge(cfg, section)
     else:
         cfg = OmegaConf.create(OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else dict(name_or_cfg))
     _check_keys(cfg, LATENT_DEFAULTS, "latent config")
+    if cfg.get("pixels") is not None and "generator" not in cfg:
+        cfg.generator = PIXEL_GENERATOR
     cfg = OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS), cfg)
     if not isinstance(cfg.flips, bool):
         raise ConfigError(f"latent config 'flips' must be true or false, got {cfg.flips!r}")
+    if cfg.pixels is not None:
+        return _pixels(cfg)
     if cfg.groups is not None:
         return _composite(cfg, preset)
     if isinstance(cfg.stores, str):
@@ -135,6 +164,41 @@ def load_latent_config(name_or_cfg: str | Path | Mapping[str, Any], preset: str 
     return cfg
 
 
+def pixels_spec(spec: str) -> DictConfig:
+    """The pixel config of `pixels:<data config name or YAML path>` (not yet checked)."""
+    data = spec[len(PIXELS_SPEC):]
+    if not data:
+        raise ConfigError(f"latent spec {spec!r} names no data: write pixels:<data config name or YAML path>, e.g. "
+                          "pixels:imagenet")
+    return OmegaConf.create({"pixels": {"data": data}})
+
+
+def _pixels(cfg: DictConfig) -> DictConfig:
+    """A pixel config with its `pixels` section completed and checked (module docstring)."""
+    # Compared with the defaults rather than by presence: an already composed config holds every key.
+    stray = [k for k in LATENT_DEFAULTS if k not in PIXEL_KEYS and cfg[k] != LATENT_DEFAULTS[k]]
+    if stray:
+        why = {"tokenizer": "the images are the samples, so nothing decodes them",
+               "stores": "an image store goes in 'pixels.store'", "online": "there is nothing to encode",
+               "groups": "pixels are not joined with latents",
+               "cache_dir": "images are read by workers, not cached"}.get(stray[0], "images in [-1, 1] are not normalised")
+        raise ConfigError(f"a pixel latent config (pixels) takes only {', '.join(PIXEL_KEYS)}; '{stray[0]}' does not "
+                          f"apply ({why})")
+    if not isinstance(cfg.pixels, DictConfig):
+        raise ConfigError(f"latent config 'pixels' must be a mapping {{data, store, workers}}, got {cfg.pixels!r}")
+    _check_keys(cfg.pixels, PIXEL_DEFAULTS, "latent config 'pixels'")
+    pixels = OmegaConf.merge(OmegaConf.create(PIXEL_DEFAULTS), cfg.pixels)
+    if not pixels.data and not pixels.store:
+        raise ConfigError("latent config 'pixels' needs 'data' (a data config name, YAML path or mapping) or 'store' "
+                          "(an image store from python -m latents.extract --pixels)")
+    if isinstance(pixels.data, str):
+        named_config("data", pixels.data)  # an unknown name fails here, naming the available ones
+    if not isinstance(pixels.workers, int) or isinstance(pixels.workers, bool) or pixels.workers < 0:
+        raise ConfigError(f"latent config 'pixels.workers' must be a whole number >= 0, got {pixels.workers!r}")
+    return OmegaConf.merge(OmegaConf.create(LATENT_DEFAULTS),
+                           {"pixels": pixels, "flips": cfg.flips, "generator": cfg.generator})
+
+
 def _composite(cfg: DictConfig, preset: str | None) -> DictConfig:
     """A composite config with every group loaded and checked as a latent config of its own (module docstring)."""
     # Compared with the defaults rather than by presence: an already composed config holds every key.
@@ -165,15 +229,16 @@ def _group(group: Any, i: int, preset: str | None, flips: bool = True) -> DictCo
         name, loaded = Path(group).stem, load_latent_config(group, preset)
         if loaded.groups is not None:
             raise ConfigError("it is itself composite; list its groups instead")
-        if loaded.online is not None:
-            raise ConfigError("it encodes online, but the groups of a composite config must be stores (online groups "
-                              "are not supported)")
+        if loaded.online is not None or loaded.pixels is not None:
+            raise ConfigError(f"it {'encodes online' if loaded.online is not None else 'gives pixels'}, but the groups "
+                              "of a composite config must be stores (online and pixel groups are not supported)")
         if loaded.flips != flips:
             raise ConfigError(f"it sets flips: {str(loaded.flips).lower()}, the composite config flips: "
                               f"{str(flips).lower()}; one view index picks the view of every group, so set 'flips' "
                               "at the top of the composite config")
     elif isinstance(group, DictConfig):
         for key, why in (("online", "must be stores (online groups are not supported)"),
+                         ("pixels", "must be stores (pixel groups are not supported)"),
                          ("groups", "cannot be composite themselves"),
                          ("cache_dir", "take the composite config's 'cache_dir'"),
                          ("flips", "take the composite config's 'flips'"),

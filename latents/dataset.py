@@ -1,4 +1,5 @@
-"""Training batches of a latent config (latents/config.py): from latent stores, or encoded on the fly (latents/online.py).
+"""Training batches of a latent config (latents/config.py): from latent stores, encoded on the fly (latents/online.py),
+or images themselves for pixel-space generators (latents/pixels.py).
 
 Reading: random rows straight from Zarr reach only a few thousand per second, so the loader copies
 the valid rows of every store, both views, once into one uncompressed array [rows, 2, C, h, w] (in
@@ -58,6 +59,7 @@ from core.runtime import derived_seed
 from latents.config import load_latent_config
 from latents.normalize import GroupedNormalizer, Normalizer, normalizer_for, official_normalizer
 from latents.store import VIEWS, LatentStore, check_aligned, check_made_by, check_moments, open_stores, shard_problem
+from latents.waypoints import PCA
 from tokenizers.encoders import ENCODERS, feature_shape
 
 log = get_logger("latents.dataset")
@@ -70,11 +72,13 @@ class FeatureRequest:
     """REPA target features asked of a loader: a frozen encoder of tokenizers.encoders.ENCODERS (REPA: dinov2_b,
     SFD: dinov2_b_reg) with its weights file (None: the Hugging Face cache, or any real weights a store used) or
     seeded random weights (tests, demos). A store must hold features of this encoder, random or not as asked and,
-    when `weights` is given, of that file's bytes."""
+    when `weights` is given, of that file's bytes. `pca`: a WiT waypoint PCA file (latents/waypoints.py) fitted on
+    this encoder's tokens, applied after it, so the features are WiT's waypoint targets [tokens, pca dim]."""
 
     encoder: str
     weights: str | None = None
     random_init: bool = False
+    pca: str | None = None
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -84,7 +88,7 @@ class FeatureRequest:
 
     @classmethod
     def of(cls, value: "FeatureRequest | str | Mapping[str, Any] | None") -> "FeatureRequest | None":
-        """A request from an encoder name, a mapping {encoder, weights, random_init}, or a request; None stays None."""
+        """A request from an encoder name, a mapping {encoder, weights, random_init, pca}, or a request; None stays None."""
         if value is None or isinstance(value, FeatureRequest):
             return value
         return cls(value) if isinstance(value, str) else cls(**dict(value))
@@ -93,6 +97,41 @@ class FeatureRequest:
         """The latents.extract options that store these features."""
         return ["--features", self.encoder] + (["--features-weights", self.weights] if self.weights else []) + (
             ["--features-random-init"] if self.random_init else [])
+
+    def waypoints(self) -> PCA | None:
+        """The waypoint PCA of `pca`, checked to be fitted on this request's encoder; None without one."""
+        if self.pca is None:
+            return None
+        pca = PCA.load(self.pca)
+        if pca.encoder != self.encoder:
+            raise MismatchError(f"the waypoint PCA {self.pca} was fitted on tokens of {pca.encoder or 'an unnamed encoder'}, "
+                                f"the features asked for are of {self.encoder}")
+        return pca
+
+    def shape(self, tokens: int, dim: int) -> tuple[int, int]:
+        """(tokens, dim) of the features served, from the encoder's (tokens, dim): the PCA's dim when there is one."""
+        pca = self.waypoints()
+        if pca is not None and pca.mean.shape[0] != dim:
+            raise MismatchError(f"the waypoint PCA {self.pca} takes {pca.mean.shape[0]}-d tokens, {self.encoder} gives {dim}-d")
+        return tokens, dim if pca is None else pca.dim
+
+
+class FeatureTargets:
+    """A request's frozen encoder (and waypoint PCA) on a device: images [b, 3, S, S] in [-1, 1] -> float32
+    [b, tokens, dim] (`shape`), under no_grad; the online and pixel loaders run it on the very images of a step."""
+
+    def __init__(self, request: FeatureRequest, image_size: int, device: torch.device) -> None:
+        from tokenizers.encoders import build_feature_encoder
+
+        self.encoder = build_feature_encoder(request.encoder, request.weights, request.random_init, image_size)
+        self.encoder.to(device)
+        self.pca = request.waypoints()
+        self.shape = request.shape(self.encoder.grid**2, self.encoder.feature_dim)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(images).float()
+        return tokens if self.pca is None else self.pca.project(tokens)
 
 
 @dataclass(frozen=True)
@@ -109,7 +148,7 @@ class ChannelGroup:
 class LatentInfo:
     latent_shape: tuple[int, int, int]  # composite: the joined shape, (sum of the groups' channels, h, w)
     num_classes: int
-    num_rows: int  # valid rows over all stores (of one group), or images of the online source
+    num_rows: int  # valid rows over all stores (of one group), or images of the online or pixel source
     stores: tuple[LatentStore, ...]  # online: the stores that supply statistics, if any; composite: every group's
     feature_shape: tuple[int, int] | None = None  # (tokens, dim) of the requested REPA features
     channel_groups: tuple[ChannelGroup, ...] = ()  # in channel order; their channels sum to latent_shape[0]
@@ -129,6 +168,11 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any],
     request = FeatureRequest.of(features)
     if cfg.groups is not None:
         return composite_info(cfg, request)
+    if cfg.pixels is not None:
+        from latents.pixels import pixel_info
+
+        shape, num_classes, num_rows, fshape = pixel_info(cfg, request)
+        return LatentInfo(shape, num_classes, num_rows, (), fshape, (ChannelGroup("pixels", 3, ()),))
     stores = open_stores(cfg.stores)
     fshape = None
     if cfg.online is not None:
@@ -140,7 +184,7 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any],
                 raise MismatchError(f"latent store {s.url} holds {s.latent_shape} latents, the online source makes {shape}")
             check_made_by(tok_info, cfg.tokenizer, s)
         if request is not None:
-            fshape = feature_shape(request.encoder, open_source(cfg)[1])
+            fshape = request.shape(*feature_shape(request.encoder, open_source(cfg)[1]))
     else:
         shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
         if request is not None:
@@ -243,7 +287,7 @@ def store_feature_shape(stores: list[LatentStore] | tuple[LatentStore, ...], req
         if any(s.features[k] != first[k] for k in keys):
             raise MismatchError(f"latent stores {stores[0].url} and {s.url} hold REPA features of different encoders: "
                                 f"{ {k: first[k] for k in keys} } and { {k: s.features[k] for k in keys} }")
-    return int(first["tokens"]), int(first["dim"])
+    return request.shape(int(first["tokens"]), int(first["dim"]))
 
 
 def _held(features: dict[str, Any] | None) -> str:
@@ -395,7 +439,8 @@ class LatentLoader(BatchLoader):
 
         self._views = views_of("latents", self.latent_shape)
         self._logvar_views = views_of("logvar", self.latent_shape)
-        self._feature_views = None if request is None else views_of("features", self.feature_shape)
+        self._feature_views = None if request is None else views_of("features", caches["features"].shape[2:])
+        self._pca = None if request is None else request.waypoints()  # stored tokens -> waypoint targets at load
         self._labels = torch.from_numpy(labels)
 
     @property
@@ -426,7 +471,8 @@ class LatentLoader(BatchLoader):
         out = (self.normalizer.normalize(z), self._labels[rows_t])
         if self._feature_views is None:
             return out
-        return *out, self._feature_views.index_select(0, views).float()
+        feats = self._feature_views.index_select(0, views).float()
+        return *out, feats if self._pca is None else self._pca.project(feats)
 
 
 class CompositeLoader(BatchLoader):
@@ -541,13 +587,18 @@ def build_latent_loader(latent_cfg: str | Path | Mapping[str, Any], batch_size: 
                         features: FeatureRequest | str | Mapping[str, Any] | None = None) -> BatchLoader:
     """The training loader of a latent config; `batch_size` is global (split over `world_size` ranks).
 
-    `device`: where an online source encodes (and returns) its latents; store batches stay on the CPU.
+    `device`: where an online source encodes (and returns) its latents, and a pixel source its images (latents/pixels.py);
+    store batches stay on the CPU.
     `info`: the config's `latent_info`, when the caller has it already (it opens stores and statistics).
     `features`: REPA target features returned third by `batch(step)`: an encoder name, a mapping
     {encoder, weights, random_init} or a FeatureRequest (module docstring).
     """
     cfg = load_latent_config(latent_cfg)
     request = FeatureRequest.of(features)
+    if cfg.pixels is not None:  # images: nothing to normalise, no stores
+        from latents.pixels import PixelLoader
+
+        return PixelLoader(cfg, batch_size, seed, rank, world_size, start_step, device, request)
     info = info or latent_info(cfg, request)
     normalizer = normalizer_for(cfg, info.stores)
     if cfg.online is not None:

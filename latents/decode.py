@@ -33,13 +33,18 @@ def latent_decoder(source: BatchLoader | str | Path | Mapping[str, Any]) -> Call
     A composite config (`groups`) decodes with its first group's tokenizer and statistics, on that group's
     channels only (SFD decodes the texture latent with the texture statistics); the other groups' tokenizers
     are never loaded. A tokenizer that decodes to features (`decodes_to`, SemVAE) is refused.
+    A pixel config (`pixels`) decodes by the identity: its samples are images in [-1, 1] already.
     """
     if isinstance(source, BatchLoader):
         if source.config is None:
             raise ValueError("this loader was not built from a latent config (build_latent_loader), so it names no tokenizer")
+        if source.config.get("pixels") is not None:
+            return _identity
         cfg, stores, normalizer = source.config, source.stores, source.normalizer
     else:
         cfg = load_latent_config(source)
+        if cfg.pixels is not None:
+            return _identity
         stores = open_stores(cfg.stores)
         normalizer = normalizer_for(cfg, stores)
     spec, channels, total = str(cfg.tokenizer), None, None
@@ -65,6 +70,10 @@ def latent_decoder(source: BatchLoader | str | Path | Mapping[str, Any]) -> Call
         return tok.decode(normalizer.denormalize(latents if channels is None else latents[:, :channels]))
 
     return decode
+
+
+def _identity(images: torch.Tensor) -> torch.Tensor:
+    return images
 
 
 def decode_latents(source: BatchLoader | str | Path | Mapping[str, Any], latents: torch.Tensor) -> torch.Tensor:

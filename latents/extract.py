@@ -1,5 +1,7 @@
 """`python -m latents.extract`: encode a data set (each image and its mirror) into a latent store.
 
+    python -m latents.extract --pixels --data <name | yaml> --out images.zarr [--workers 4] [--seed 0]
+        [--shard-size ROWS] [--strict] [data.key=value ...]       # an image store (latents/image_store.py)
     python -m latents.extract --tokenizer <saved folder | family:official_path> --data <name | yaml>
         --out <store path or fsspec URL> [--batch-size 64] [--strict] [--dtype float16|float32]
         [--stats channel|element] [--no-mean] [--sample-posterior | --store-moments] [--seed 0] [--workers 4]
@@ -51,7 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -67,6 +69,7 @@ from core.lock import WriterLock
 from core.log import JsonlWriter, get_logger
 from core.runtime import derived_seed, make_accelerator, progress
 from latents import store as zs
+from latents.image_store import FORMAT as IMAGE_FORMAT, VERSION as IMAGE_VERSION, ImageStore, create_image_store, image_layout
 from tokenizers.base import TOKENIZERS, Tokenizer, open_tokenizer
 from tokenizers.encoders import ENCODERS, FrozenEncoder, build_feature_encoder
 
@@ -76,6 +79,7 @@ log = get_logger("latents.extract")
 RESUME_KEYS = ("tokenizer", "data.source", "image_size", "latent_shape", "num_rows", "num_classes", "extraction",
                "features.encoder", "features.timm_name", "features.image_size", "features.random_init",
                "features.weights_sha256", "features.dtype")  # not the weights' path: the same file may move
+IMAGE_RESUME_KEYS = ("data.source", "image_size", "num_rows", "num_classes", "extraction")  # of an image store
 
 
 class StrictError(UserError):
@@ -266,23 +270,33 @@ def prepare_store(out: str, attrs: dict[str, Any], layout: zs.Layout, settings: 
                   latent_shape: tuple[int, int, int], perm: np.ndarray, labels: np.ndarray,
                   feature_shape: tuple[int, int] | None = None) -> str:
     """Create the store, or check that the one at `out` continues this extraction. Returns what it did."""
+    def create(overwrite: bool) -> None:
+        zs.create_store(out, attrs, layout, latent_shape, settings.dtype, settings.stats, perm,
+                        labels[perm].astype(np.int32), overwrite=overwrite, feature_shape=feature_shape,
+                        moments=settings.moments)
+
+    return open_or_create(out, attrs, create, RESUME_KEYS)
+
+
+def open_or_create(out: str, attrs: dict[str, Any], create: Callable[[bool], None], resume_keys: tuple[str, ...],
+                   fmt: str = zs.FORMAT, version: int = zs.VERSION, what: str = "latent store") -> str:
+    """`create(overwrite)` the store at `out`, or check that the one there continues this extraction (its
+    `resume_keys` attributes equal `attrs`'). Returns what it did: created, resumed or complete."""
     try:
         group = zs.open_group(out, mode="r+")
     except FileNotFoundError:
         group = None
     except ValueError:
         if not Path(out).is_dir() or any(Path(out).iterdir()):
-            raise UserError(f"--out {out} exists and is not a latent store; choose another path or delete it") from None
+            raise UserError(f"--out {out} exists and is not a {what}; choose another path or delete it") from None
         group = None  # an empty folder
     if group is not None:
-        zs.check_format(group, out)
+        zs.check_format(group, out, fmt, version, what)
     if group is None or not group.attrs.get("ready"):  # absent, or its creation was cut short
-        zs.create_store(out, attrs, layout, latent_shape, settings.dtype, settings.stats, perm,
-                        labels[perm].astype(np.int32), overwrite=group is not None or Path(out).is_dir(),
-                        feature_shape=feature_shape, moments=settings.moments)
+        create(group is not None or Path(out).is_dir())
         return "created"
     old = dict(group.attrs)
-    diff = [k for k in RESUME_KEYS if _select(old, k) != _select(attrs, k)]
+    diff = [k for k in resume_keys if _select(old, k) != _select(attrs, k)]
     if diff:
         details = "; ".join(f"{k}: store has {_select(old, k)!r}, this run {_select(attrs, k)!r}" for k in diff)
         raise MismatchError(f"{out} was made with other settings, so this run cannot resume it ({details}). "
@@ -310,6 +324,81 @@ def replace_damaged_shards(group: Any, layout: zs.Layout, out: str) -> list[int]
     return bad
 
 
+def begin_writing(out: str, acc: Accelerator | PartialState, layout: zs.Layout, journal: JsonlWriter, command: str,
+                  prepare: Callable[[], str], what: str = "latent store") -> list[int] | None:
+    """The unfinished shards this process writes (dealt round-robin over the processes), after the main process
+    locked the store, created or resumed it (`prepare`: latents.extract.open_or_create) and dropped the records of
+    finished shards that no longer read back as written; None when the store is already complete."""
+    rank, world = acc.process_index, acc.num_processes
+    if acc.is_main_process:
+        if "://" not in out:  # one writer per store; object stores have no such lock here
+            WriterLock(log_path(out).with_suffix(".lock"), f"{what} {out}").acquire()
+        state = prepare()
+        if state != "created":
+            replace_damaged_shards(zs.open_group(out, mode="r+"), layout, out)
+    acc.wait_for_everyone()
+    group = zs.open_group(out, mode="r+")
+    if group.attrs.get("complete"):
+        if acc.is_main_process:
+            log.info("%s is already complete; nothing to do", out)
+        return None
+    done = zs.finished_shards(group)
+    # Unfinished shards dealt round-robin (rank r: r, r+W, ...), balanced even when resuming with another W.
+    todo = [k for k in range(layout.num_shards) if k not in done][rank::world]
+    acc.wait_for_everyone()  # every rank has read the same `done` before any rank adds to it
+    if acc.is_main_process:
+        log.info("%s %s: %d rows in %d shards of %d, %d finished; %d process(es)", state, out, layout.num_rows,
+                 layout.num_shards, layout.shard_rows, len(done), world)
+        journal.write(event="start", state=state, out=out, num_rows=layout.num_rows, num_shards=layout.num_shards,
+                      finished=len(done), world_size=world, command=command)
+    return todo
+
+
+def shard_batches(source: Any, perm: np.ndarray, layout: zs.Layout, todo: list[int], batch_size: int, workers: int,
+                  acc: Accelerator | PartialState, strict: bool, journal: JsonlWriter, desc: str,
+                  uint8: bool = False) -> Iterator[tuple[int, np.ndarray, Any, dict[int, int], list[dict[str, Any]]]]:
+    """(shard, rows, decoded batch, source index -> row, skipped entries) of each batch of the shards `todo`, rows in
+    order, decoded by `workers` processes (`uint8`: the crops as uint8). Batches never straddle shards, so no row
+    depends on the process count. Bad files are logged and journaled; with `strict` the first one raises."""
+    rank, world = acc.process_index, acc.num_processes
+    bar = progress(total=sum(b - a for a, b in map(layout.shard_range, todo)), enabled=acc.is_main_process,
+                   desc=desc + (f" (rank 0 of {world})" if world > 1 else ""))
+
+    def plan():  # (shard, rows) of each batch
+        for k in todo:
+            start, stop = layout.shard_range(k)
+            for a in range(start, stop, batch_size):
+                yield k, np.arange(a, min(a + batch_size, stop))
+
+    # Bad files come back as skipped items even when strict, so the error is the same with or without workers.
+    loader = torch.utils.data.DataLoader(
+        Skipping(source, uint8=uint8), batch_sampler=(perm[rows].tolist() for _, rows in plan()),
+        collate_fn=collate_items, num_workers=workers, pin_memory=acc.device.type == "cuda",
+    )
+    try:
+        for (k, rows), batch in zip(plan(), loader):
+            row_of = dict(zip(perm[rows].tolist(), rows.tolist()))
+            skipped = []
+            for index, reason in batch.skipped:
+                entry = {"index": int(index), "row": row_of[index], "where": source.where(index), "reason": reason}
+                if strict:
+                    journal.write(event="failed", rank=rank, shard=k, **entry)
+                    raise StrictError(f"{reason} (--strict)")
+                skipped.append(entry)
+                log.warning("skipped %s (%s)", entry["where"], reason)
+                journal.write(event="skipped", rank=rank, **entry)
+            yield k, rows, batch, row_of, skipped
+            bar.update(len(rows))
+    finally:
+        bar.close()
+
+
+def journal_shard(journal: JsonlWriter, rank: int, shard: int, valid: np.ndarray, skipped: list[Any], t0: float) -> None:
+    seconds = time.perf_counter() - t0
+    journal.write(event="shard", rank=rank, shard=shard, rows=len(valid), valid=int(valid.sum()), skipped=len(skipped),
+                  seconds=round(seconds, 3), images_per_s=round(len(valid) / seconds, 2))
+
+
 def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cfg: Any, out: str,
             settings: ExtractSettings = ExtractSettings(), strict: bool = False, workers: int = 0,
             accelerator: Accelerator | PartialState | None = None, command: str = "",
@@ -321,7 +410,6 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     image and its mirror are stored too, computed from the same decoded batch as the latents.
     """
     acc = accelerator or PartialState()
-    rank, world = acc.process_index, acc.num_processes
     out = str(out)
     if settings.sample_posterior and settings.moments:
         raise UserError("--sample-posterior stores one posterior sample, --store-moments the posterior's mean and "
@@ -344,78 +432,34 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
                              None if features is None else feature_attributes(features, settings))
     journal = JsonlWriter(log_path(out))
 
-    if acc.is_main_process:
-        if "://" not in out:  # one writer per store; object stores have no such lock here
-            WriterLock(log_path(out).with_suffix(".lock"), f"latent store {out}").acquire()
-        state = prepare_store(out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels), feature_shape)
-        if state != "created":
-            replace_damaged_shards(zs.open_group(out, mode="r+"), layout, out)
-    acc.wait_for_everyone()
-    group = zs.open_group(out, mode="r+")
-    if group.attrs.get("complete"):
-        if acc.is_main_process:
-            log.info("%s is already complete; nothing to do", out)
+    todo = begin_writing(out, acc, layout, journal, command, lambda: prepare_store(
+        out, attrs, layout, settings, latent_shape, perm, np.asarray(source.labels), feature_shape))
+    if todo is None:
         return zs.LatentStore(out)
-
-    done = zs.finished_shards(group)
-    # Unfinished shards dealt round-robin (rank r: r, r+W, ...), balanced even when resuming with another W.
-    todo = [k for k in range(layout.num_shards) if k not in done][rank::world]
-    acc.wait_for_everyone()  # every rank has read the same `done` before any rank adds to it
-    if acc.is_main_process:
-        log.info("%s %s: %d rows in %d shards of %d, %d finished; %d process(es)", state, out, layout.num_rows,
-                 layout.num_shards, layout.shard_rows, len(done), world)
-        journal.write(event="start", state=state, out=out, num_rows=layout.num_rows, num_shards=layout.num_shards,
-                      finished=len(done), world_size=world, command=command)
+    group = zs.open_group(out, mode="r+")
     tokenizer.to(acc.device).eval()
     if features is not None:
         features.to(acc.device)
-    bar = progress(total=sum(b - a for a, b in map(layout.shard_range, todo)), enabled=acc.is_main_process,
-                   desc=f"encoding {Path(out).name}" + (f" (rank 0 of {world})" if world > 1 else ""))
-
-    def plan():  # (shard, rows) of each batch; batches never straddle shards, so no latent depends on the process count
-        for k in todo:
-            start, stop = layout.shard_range(k)
-            for a in range(start, stop, settings.batch_size):
-                yield k, np.arange(a, min(a + settings.batch_size, stop))
-
-    # Bad files come back as skipped items even when strict, so the error is the same with or without workers.
-    loader = torch.utils.data.DataLoader(
-        Skipping(source), batch_sampler=(perm[rows].tolist() for _, rows in plan()),
-        collate_fn=collate_items, num_workers=workers, pin_memory=acc.device.type == "cuda",
-    )
     buf = None
-    try:
-        for (k, rows), batch in zip(plan(), loader):
-            buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype, feature_shape, settings.moments)
-            row_of = dict(zip(perm[rows].tolist(), rows.tolist()))
-            for index, reason in batch.skipped:
-                entry = {"index": int(index), "row": row_of[index], "where": source.where(index), "reason": reason}
-                if strict:
-                    journal.write(event="failed", rank=rank, shard=k, **entry)
-                    raise StrictError(f"{reason} (--strict)")
-                buf.skipped.append(entry)
-                log.warning("skipped %s (%s)", entry["where"], reason)
-                journal.write(event="skipped", rank=rank, **entry)
-            if len(batch.indices):
-                images = batch.images.to(acc.device)
-                logvars = None
-                if settings.moments:
-                    (lat, flip), logvars = moment_views(tokenizer, images, settings)
-                else:
-                    lat, flip = encode_views(tokenizer, images, batch.indices, settings)
-                feats = None if features is None else feature_views(features, images, settings)
-                buf.put([row_of[int(i)] for i in batch.indices], lat, flip, [source.where(int(i)) for i in batch.indices],
-                        feats, logvars)
-            bar.update(len(rows))
-            if rows[-1] == buf.stop - 1:
-                zs.write_shard(group, layout, k, buf.latents, buf.flips, buf.valid, buf.skipped, settings.stats,
-                               buf.features, buf.logvars)
-                seconds = time.perf_counter() - buf.t0
-                journal.write(event="shard", rank=rank, shard=k, rows=len(buf.valid), valid=int(buf.valid.sum()),
-                              skipped=len(buf.skipped), seconds=round(seconds, 3), images_per_s=round(len(buf.valid) / seconds, 2))
-                buf = None
-    finally:
-        bar.close()
+    for k, rows, batch, row_of, skipped in shard_batches(source, perm, layout, todo, settings.batch_size, workers, acc,
+                                                         strict, journal, f"encoding {Path(out).name}"):
+        buf = buf or ShardBuffer(layout, k, latent_shape, settings.dtype, feature_shape, settings.moments)
+        buf.skipped += skipped
+        if len(batch.indices):
+            images = batch.images.to(acc.device)
+            logvars = None
+            if settings.moments:
+                (lat, flip), logvars = moment_views(tokenizer, images, settings)
+            else:
+                lat, flip = encode_views(tokenizer, images, batch.indices, settings)
+            feats = None if features is None else feature_views(features, images, settings)
+            buf.put([row_of[int(i)] for i in batch.indices], lat, flip, [source.where(int(i)) for i in batch.indices],
+                    feats, logvars)
+        if rows[-1] == buf.stop - 1:
+            zs.write_shard(group, layout, k, buf.latents, buf.flips, buf.valid, buf.skipped, settings.stats,
+                           buf.features, buf.logvars)
+            journal_shard(journal, acc.process_index, k, buf.valid, buf.skipped, buf.t0)
+            buf = None
 
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -428,6 +472,57 @@ def extract(tokenizer: Tokenizer, tok_info: dict[str, Any], source: Any, data_cf
     return zs.LatentStore(out)
 
 
+def extract_pixels(source: Any, data_cfg: Any, out: str, seed: int = 0, shard_rows: int | None = None,
+                   strict: bool = False, workers: int = 0, batch_size: int = 64,
+                   accelerator: Accelerator | PartialState | None = None, command: str = "") -> ImageStore:
+    """Write `source`'s ADM crops as uint8 into the image store at `out` (latents/image_store.py), creating or
+    resuming it shard by shard like a latent store; every process of `accelerator` calls this. `batch_size` only
+    groups the decoding work: the stored bytes do not depend on it, nor on `workers` or the process count."""
+    acc = accelerator or PartialState()
+    out, size = str(out), int(data_cfg["image_size"])
+    layout = image_layout(len(source), shard_rows)
+    perm = np.random.default_rng(seed).permutation(len(source))
+    attrs = zs.jsonable({
+        "data": {"config": to_dict(data_cfg) if isinstance(data_cfg, DictConfig) else dict(data_cfg),
+                 "source": source.describe()},
+        "image_size": size, "num_rows": len(source), "num_classes": int(source.num_classes),
+        "preprocessing": f"ADM center crop to {size}x{size}, RGB, uint8 [3, H, W]; no mirrored copy (a loader mirrors "
+                         "at load)",
+        "extraction": {"seed": seed, "shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+    })
+    labels = np.asarray(source.labels)[perm].astype(np.int32)
+    journal = JsonlWriter(log_path(out))
+    todo = begin_writing(out, acc, layout, journal, command, lambda: open_or_create(
+        out, attrs, lambda overwrite: create_image_store(out, attrs, layout, size, perm, labels, overwrite),
+        IMAGE_RESUME_KEYS, IMAGE_FORMAT, IMAGE_VERSION, "image store"), "image store")
+    if todo is None:
+        return ImageStore(out)
+    group = zs.open_group(out, mode="r+")
+    images = valid = skipped = t0 = None
+    for k, rows, batch, row_of, batch_skipped in shard_batches(source, perm, layout, todo, batch_size, workers, acc,
+                                                               strict, journal, f"cropping {Path(out).name}", uint8=True):
+        start, stop = layout.shard_range(k)
+        if images is None:
+            images, valid = np.zeros((stop - start, 3, size, size), np.uint8), np.zeros(stop - start, bool)
+            skipped, t0 = [], time.perf_counter()
+        skipped += batch_skipped
+        at = np.asarray([row_of[int(i)] for i in batch.indices], dtype=np.int64) - start
+        if len(at):
+            images[at], valid[at] = batch.images.numpy(), True
+        if rows[-1] == stop - 1:
+            zs.put_shard(group, layout, k, {"images": images, "valid": valid}, skipped)
+            journal_shard(journal, acc.process_index, k, valid, skipped, t0)
+            images = None
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        zs.mark_complete(group, layout)
+        log.info("%s complete: %d valid images, %d skipped", out, group.attrs["num_valid"], group.attrs["num_skipped"])
+        journal.write(event="complete", num_valid=group.attrs["num_valid"], num_skipped=group.attrs["num_skipped"])
+    acc.wait_for_everyone()
+    return ImageStore(out)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     import tokenizers.families  # noqa: F401  (registers every family, for the help text)
 
@@ -435,7 +530,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m latents.extract", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=f"tokenizer families (--tokenizer family:path): {families}\n{data_epilog()}")
-    p.add_argument("--tokenizer", required=True, help="saved tokenizer folder, or family:path[,key=value] of an official release")
+    p.add_argument("--tokenizer", help="saved tokenizer folder, or family:path[,key=value] of an official release")
+    p.add_argument("--pixels", action="store_true",
+                   help="write an image store instead: the ADM crops as uint8 [N, 3, S, S] for a pixel latent config's "
+                        "pixels.store (no tokenizer; no mirrored copy, the loader mirrors at load); takes --data, "
+                        "--out, --seed, --shard-size, --workers, --batch-size, --strict")
     p.add_argument("--data", required=True, help="data config name (configs/data) or YAML path")
     p.add_argument("--out", required=True, help="store path or fsspec URL")
     p.add_argument("--batch-size", type=int, default=64)
@@ -468,6 +567,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.pixels:
+        return main_pixels(args, argv)
+    if not args.tokenizer:
+        raise cli.UsageError("give --tokenizer (a latent store) or --pixels (an image store)")
     settings = ExtractSettings(
         batch_size=args.batch_size, dtype=args.dtype, stats=args.stats, center=not args.no_mean,
         sample_posterior=args.sample_posterior, moments=args.store_moments, seed=args.seed, noise_seed=args.noise_seed, shard_rows=args.shard_size, autocast=args.bf16,
@@ -499,6 +602,27 @@ def main(argv: list[str]) -> None:
         raise StrictError(f"{e}. The store {args.out} is left incomplete: shards finished before this file are kept, "
                           "nothing of the shard holding it was written. Fix the file and run the same command to resume, "
                           "or delete the store.") from e
+
+
+
+def main_pixels(args: argparse.Namespace, argv: list[str]) -> None:
+    """`--pixels`: an image store; the options of a latent store are refused rather than ignored."""
+    given = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--features", args.features),
+                                       ("--sample-posterior", args.sample_posterior), ("--store-moments", args.store_moments),
+                                       ("--no-mean", args.no_mean), ("--bf16", args.bf16),
+                                       ("--noise-seed", args.noise_seed is not None), ("--dtype", args.dtype != "float16"),
+                                       ("--stats", args.stats != "channel")) if value]
+    if given:
+        raise cli.UsageError(f"--pixels writes uint8 images, encoded by nothing: {given[0]} does not apply")
+    data_cfg = load_data_config(args.data, args.overrides)
+    acc = make_accelerator(mixed_precision="no")
+    command = "python -m latents.extract " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        extract_pixels(build_source(data_cfg), data_cfg, args.out, args.seed, args.shard_size, args.strict,
+                       args.workers, args.batch_size, acc, command)
+    except StrictError as e:
+        raise StrictError(f"{e}. The store {args.out} is left incomplete: shards finished before this file are kept. "
+                          "Fix the file and run the same command to resume, or delete the store.") from e
 
 
 if __name__ == "__main__":

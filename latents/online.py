@@ -8,19 +8,16 @@ the data set and a flip drawn from (seed, step), so batches are a pure function 
 and a resumed run sees the batches an uninterrupted one would. The latents are normalised with
 the config's statistics (`stats`, e.g. RAE's released file, or the statistics of `stores`).
 
-REPA target features (a `FeatureRequest`): the frozen encoder (tokenizers.encoders.build_feature_encoder)
-runs on the same device, under no_grad, on the very images the tokenizer encodes (mirrored alike), and
-`batch(step)` returns them third.
+REPA target features (a `FeatureRequest`): the frozen encoder (tokenizers.encoders.build_feature_encoder), and the
+request's waypoint PCA if it names one, run on the same device, under no_grad, on the very images the tokenizer
+encodes (mirrored alike), and `batch(step)` returns them third (latents.dataset.FeatureTargets).
 
-Images are decoded in `online.workers` background processes that work a few steps ahead; the
-encoder runs in the training process. An image that cannot be decoded is skipped and logged, so
+Images are decoded in `online.workers` background processes that work a few steps ahead
+(latents/step_images.py, shared with the pixel loader); the encoder runs in the training process. An image that cannot be decoded is skipped and logged, so
 that step's batch is one sample smaller.
 """
 from __future__ import annotations
 
-import functools
-import itertools
-import json
 from typing import Any
 
 import torch
@@ -28,13 +25,13 @@ from omegaconf import DictConfig
 
 from core.config import named_config, to_dict
 from core.errors import MismatchError
-from core.images import Skipping, build_source
+from core.images import to_float
 from core.log import get_logger
-from latents.dataset import BatchLoader, BatchSchedule, FeatureRequest
+from latents.dataset import BatchLoader, FeatureRequest, FeatureTargets
 from latents.decode import cached_tokenizer
 from latents.normalize import Normalizer
+from latents.step_images import DecodedRows, Prefetch, StepImages, cached_source
 from latents.store import LatentStore
-from tokenizers.encoders import build_feature_encoder
 
 log = get_logger("latents.online")
 
@@ -46,16 +43,10 @@ def data_config(cfg: DictConfig) -> dict[str, Any]:
     return to_dict(node)
 
 
-@functools.lru_cache(maxsize=2)
-def _source(data_json: str) -> Any:
-    # Listing ImageNet takes seconds; latent_info and the loader share one listing.
-    return build_source(json.loads(data_json))
-
-
 def open_source(cfg: DictConfig) -> tuple[Any, int]:
     """The data source of an online config and its image size."""
     data = data_config(cfg)
-    return _source(json.dumps(data, sort_keys=True)), int(data["image_size"])
+    return cached_source(data), int(data["image_size"])
 
 
 def online_info(cfg: DictConfig) -> tuple[tuple[int, int, int], int, int, dict[str, Any]]:
@@ -67,27 +58,6 @@ def online_info(cfg: DictConfig) -> tuple[tuple[int, int, int], int, int, dict[s
         raise MismatchError(f"tokenizer {cfg.tokenizer} encodes {expected} px images, the online data gives {size} px "
                          "(set image_size in the data config)")
     return tuple(tok.latent_shape(size)), int(source.num_classes), len(source), tok_info
-
-
-class StepImages(torch.utils.data.Dataset):
-    """Item k: (images [b, 3, H, W], labels [b]) of one rank's part of step k, mirrored where drawn."""
-
-    def __init__(self, source: Any, schedule: BatchSchedule) -> None:
-        self.source, self.items, self.schedule = source, Skipping(source), schedule
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, flips = self.schedule(step)
-        images, labels = [], []
-        for row, flip in zip(rows.tolist(), flips.tolist()):
-            item = self.items[row]
-            if item.error is not None:
-                log.warning("skipped %s (%s)", self.source.where(row), item.error)
-                continue
-            images.append(item.image.flip(-1) if flip else item.image)
-            labels.append(item.label)
-        if not images:
-            raise ValueError(f"no image of step {step} could be decoded")
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
 class OnlineLoader(BatchLoader):
@@ -103,30 +73,14 @@ class OnlineLoader(BatchLoader):
         self.tokenizer, _ = cached_tokenizer(str(cfg.tokenizer))
         self.tokenizer.to(self.device).eval()
         self.latent_shape, self.num_classes = tuple(self.tokenizer.latent_shape(size)), int(source.num_classes)
-        self.feature_encoder = None
-        if features is not None:
-            self.feature_encoder = build_feature_encoder(features.encoder, features.weights, features.random_init, size)
-            self.feature_encoder.to(self.device)
-            self.feature_shape = (self.feature_encoder.grid**2, self.feature_encoder.feature_dim)
-        self.images = StepImages(source, self.schedule)
-        self.workers = int(cfg.online.workers)
-        self._prefetch, self._next = None, None
-
-    def _step_images(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.workers == 0:
-            return self.images[step]
-        if self._next != step:  # a new position (start, resume): restart the workers there
-            self._prefetch = iter(torch.utils.data.DataLoader(
-                self.images, batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
-                pin_memory=self.device.type == "cuda"))
-        self._next = step + 1
-        return next(self._prefetch)
+        self.targets = None if features is None else FeatureTargets(features, size, self.device)
+        self.feature_shape = None if self.targets is None else self.targets.shape
+        self.images = StepImages(DecodedRows(source), self.schedule)  # uint8, mirrored where drawn
+        self._prefetch = Prefetch(self.images, cfg.online.workers, pin=self.device.type == "cuda")
 
     @torch.no_grad()
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        images, labels = self._step_images(step)
-        images = images.to(self.device, non_blocking=True)
+        images, labels = self._prefetch(step)
+        images = to_float(images.to(self.device, non_blocking=True))
         out = (self.normalizer.normalize(self.tokenizer.encode(images).float()), labels.to(self.device))
-        if self.feature_encoder is None:
-            return out
-        return *out, self.feature_encoder(images).float()
+        return out if self.targets is None else (*out, self.targets(images))

@@ -203,17 +203,23 @@ def create_store(url: str, attrs: dict[str, Any], layout: Layout, latent_shape: 
             g.create_array(name, shape=(n, *feature_shape), dtype=FEATURE_DTYPE, chunks=(fchunk, *feature_shape),
                            shards=(shard, *feature_shape), compressors=[ZstdCodec(level=3)], fill_value=0,
                            dimension_names=("n", "token", "dim"))
-    for name, dt, fill in (("labels", "int32", -1), ("index", "int64", -1), ("valid", "bool", False)):
-        g.create_array(name, shape=(n,), dtype=dt, chunks=(shard,), compressors=[ZstdCodec(level=3)],
-                       fill_value=fill, dimension_names=("n",))
     sshape = stat_shape(stats_kind, latent_shape)
     for name in ("shards/sum", "shards/sumsq") + (("shards/var_sum",) if moments else ()):
         g.create_array(name, shape=(layout.num_shards, *sshape), dtype="float64", chunks=(1, *sshape), fill_value=0)
-    g.create_group("shards/done")
-    g["index"][:] = index
-    g["labels"][:] = labels
-    g.attrs["ready"] = True
+    create_rows(g, layout, index, labels)
     return g
+
+
+def create_rows(group: zarr.Group, layout: Layout, index: np.ndarray, labels: np.ndarray) -> None:
+    """What every store made shard by shard has (latent stores, image stores: latents/image_store.py): `labels`,
+    `index`, `valid` and `shards/done/`; then `ready` is set, the last step of a store's creation."""
+    for name, dt, fill in (("labels", "int32", -1), ("index", "int64", -1), ("valid", "bool", False)):
+        group.create_array(name, shape=(layout.num_rows,), dtype=dt, chunks=(layout.shard_rows,),
+                           compressors=[ZstdCodec(level=3)], fill_value=fill, dimension_names=("n",))
+    group.create_group("shards/done")
+    group["index"][:] = index
+    group["labels"][:] = labels
+    group.attrs["ready"] = True
 
 
 def finished_shards(group: zarr.Group) -> set[int]:
@@ -242,17 +248,27 @@ def write_shard(group: zarr.Group, layout: Layout, shard: int, latents: np.ndarr
         arrays |= dict(zip(VIEWS["features"], features))
     if logvars is not None:
         arrays |= dict(zip(VIEWS["logvar"], logvars))
-    for name, values in arrays.items():
-        group[name][start:stop] = values
     total, total_sq = partial_sums(latents, flips, valid, stats_kind)
     group["shards/sum"][shard] = total
     group["shards/sumsq"][shard] = total_sq
     if logvars is not None:
         group["shards/var_sum"][shard] = variance_sums(*logvars, valid, stats_kind)
+    put_shard(group, layout, shard, arrays, skipped)
+
+
+def put_shard(group: zarr.Group, layout: Layout, shard: int, arrays: dict[str, np.ndarray],
+              skipped: list[dict[str, Any]]) -> None:
+    """Write the per-row `arrays` (`valid` among them) of one whole shard, then its done record with their sha256s:
+    the record goes last, so a shard without one is unfinished, whatever was written."""
+    start, stop = layout.shard_range(shard)
+    for name, values in arrays.items():
+        if len(values) != stop - start:
+            raise ValueError(f"shard {shard} holds rows {start}..{stop}, got {len(values)} rows of '{name}'")
+        group[name][start:stop] = values
     faults.point("shard")
     digests = {name: _digest(np.asarray(values, dtype=group[name].dtype)) for name, values in arrays.items()}
-    group["shards/done"].create_group(f"{shard:06d}", attributes={"num_valid": int(valid.sum()), "skipped": skipped,
-                                                                  "sha256": digests})
+    group["shards/done"].create_group(f"{shard:06d}", attributes={"num_valid": int(arrays["valid"].sum()),
+                                                                  "skipped": skipped, "sha256": digests})
 
 
 def _digest(values: np.ndarray) -> str:
@@ -284,11 +300,15 @@ def forget_shard(group: zarr.Group, shard: int) -> None:
     del group["shards/done"][f"{shard:06d}"]
 
 
-def finalise(group: zarr.Group, layout: Layout) -> Stats:
-    """Sum the shards' partial sums in shard order, write `stats/`, list skipped files, mark complete."""
+def check_finished(group: zarr.Group, layout: Layout) -> None:
     missing = sorted(set(range(layout.num_shards)) - finished_shards(group))
     if missing:
         raise RuntimeError(f"cannot finalise: shards {missing[:10]} are not finished")
+
+
+def finalise(group: zarr.Group, layout: Layout) -> Stats:
+    """Sum the shards' partial sums in shard order, write `stats/`, list skipped files, mark complete."""
+    check_finished(group, layout)
     ex = group.attrs["extraction"]
     valid = group["valid"][:]
     per_row = 1 if ex["stats"] == "element" else int(np.prod(group.attrs["latent_shape"][1:]))
@@ -304,11 +324,17 @@ def finalise(group: zarr.Group, layout: Layout) -> Stats:
             var_sum += var_sums[k]
     stats = Stats.from_sums(ex["stats"], ex["center"], total, total_sq, 2 * int(valid.sum()) * per_row, var_sum)
     write_stats(group, stats)
+    mark_complete(group, layout)
+    return stats
+
+
+def mark_complete(group: zarr.Group, layout: Layout) -> None:
+    """List the skipped files of every shard's record in the attributes, count the valid rows, mark complete."""
+    check_finished(group, layout)
     done = group["shards/done"]
     skipped = [s for k in range(layout.num_shards) for s in done[f"{k:06d}"].attrs["skipped"]]
-    group.attrs.update({"num_valid": int(valid.sum()), "num_skipped": len(skipped), "skipped": skipped,
+    group.attrs.update({"num_valid": int(group["valid"][:].sum()), "num_skipped": len(skipped), "skipped": skipped,
                         "complete": True})
-    return stats
 
 
 def write_stats(group: zarr.Group, stats: Stats) -> None:
@@ -339,12 +365,13 @@ def open_group(url: str | Path, mode: str = "r") -> zarr.Group:
         raise UserError(f"{url} is not a latent store: there is no Zarr group there") from e
 
 
-def check_format(group: zarr.Group, url: str) -> None:
-    fmt, version = group.attrs.get("format"), group.attrs.get("version")
-    if fmt != FORMAT:
-        raise UserError(f"{url} is not a latent store (its 'format' attribute is {fmt!r}, expected {FORMAT!r})")
-    if version != VERSION:
-        raise UserError(f"{url} is a latent store of format version {version}; this code reads version {VERSION}")
+def check_format(group: zarr.Group, url: str, expected: str = FORMAT, version: int = VERSION,
+                 what: str = "latent store") -> None:
+    fmt, found = group.attrs.get("format"), group.attrs.get("version")
+    if fmt != expected:
+        raise UserError(f"{url} is not a {what} (its 'format' attribute is {fmt!r}, expected {expected!r})")
+    if found != version:
+        raise UserError(f"{url} is a {what} of format version {found}; this code reads version {version}")
 
 
 class LatentStore:

@@ -11,7 +11,7 @@ import torch
 
 from core import cli
 from core.errors import CorruptFileError, MismatchError
-from core.images import build_source, center_crop_arr, decode, to_tensor
+from core.images import build_source, center_crop_arr, decode, to_float, to_tensor
 from fault_injection import Case, kill_and_rerun
 from latents import store as zs
 from latents.dataset import BatchSchedule, FeatureRequest, build_latent_loader, latent_info
@@ -226,7 +226,8 @@ def test_online_features_are_the_encoder_on_the_steps_own_images(images, vavae_f
     flipped = 0
     for step in (0, 1):
         x, y, f = loader.batch(step)
-        step_images, labels = loader.images[step]  # this step's images, mirrored where its schedule says
+        step_images, labels = loader.images[step]  # this step's images (uint8), mirrored where its schedule says
+        step_images = to_float(step_images)
         with torch.no_grad():
             expected = encoder(step_images)
             latents = loader.tokenizer.encode(step_images)
