@@ -1,6 +1,7 @@
 """Atomic, safe checkpoint files: safetensors for weights, never arbitrary unpickling."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import pickle
 from collections import OrderedDict
@@ -65,31 +66,36 @@ LIGHTNING_SAFE_GLOBALS = [(OrderedDict, name) for name in (
     "lightning.pytorch.utilities.parsing.AttributeDict",
     "pytorch_lightning.utilities.parsing.AttributeDict",
 )]
+# Plus argparse.Namespace, the command-line arguments that training scripts save next to the weights (JiT's
+# checkpoints hold one under 'args'): an attribute bag, rebuilt by filling its __dict__ with values the weights-only
+# unpickler has already restricted, so no code of the file runs.
+SAFE_GLOBALS = [*LIGHTNING_SAFE_GLOBALS, argparse.Namespace]
 
 
 def load_torch_weights(path: str | Path) -> dict:
     """An official `.pt`/`.ckpt` release (a Lightning `.ckpt` too) or a `.safetensors` state dict, read without
-    running pickled code: ``torch.load(weights_only=True)`` with ``LIGHTNING_SAFE_GLOBALS`` allowed. A file that needs
-    any other global is refused with a UserError naming the globals."""
+    running pickled code: ``torch.load(weights_only=True)`` with ``SAFE_GLOBALS`` allowed. A file that needs any other
+    global is refused with a UserError naming the globals."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
-        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         try:
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:  # noqa: BLE001  (not a zip checkpoint: torch's own message says what it met)
             needed = []
-        allowed = {name for _, name in LIGHTNING_SAFE_GLOBALS}
+        allowed = {name for _, name in LIGHTNING_SAFE_GLOBALS} | {"argparse.Namespace"}
         names = [g for g in needed if g not in allowed] or [str(e).split("Unsupported global: ")[-1].split(" was")[0]]
         raise UserError(
             f"{path}: loading it would need unpickling {', '.join(names)}, which can run code; refused (only "
-            "tensors, plain containers and Lightning's AttributeDict are read). If you trust the file, extract "
-            "ckpt['state_dict'] where it can be unpickled and save that (torch.save or safetensors)") from e
+            "tensors, plain containers, Lightning's AttributeDict and argparse.Namespace are read). If you trust the "
+            "file, extract ckpt['state_dict'] where it can be unpickled and save that (torch.save or safetensors)"
+        ) from e
 
 
 def check_keys(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:
