@@ -123,9 +123,9 @@ class FeatureTargets:
     def __init__(self, request: FeatureRequest, image_size: int, device: torch.device) -> None:
         from tokenizers.encoders import build_feature_encoder
 
+        self.pca = request.waypoints()  # first: a PCA of another encoder is refused before any model is built
         self.encoder = build_feature_encoder(request.encoder, request.weights, request.random_init, image_size)
         self.encoder.to(device)
-        self.pca = request.waypoints()
         self.shape = request.shape(self.encoder.grid**2, self.encoder.feature_dim)
 
     @torch.no_grad()

@@ -66,7 +66,7 @@ class ImageStore:
 
     def __init__(self, url: str | Path) -> None:
         self.url = str(url)
-        group = zs.open_group(self.url)
+        self.group = group = zs.open_group(self.url)
         zs.check_format(group, self.url, FORMAT, VERSION, "image store")
         self.attrs: dict[str, Any] = dict(group.attrs)
         if not self.attrs.get("complete"):
@@ -97,6 +97,10 @@ class ImageStore:
     @property
     def image_size(self) -> int:
         return int(self.attrs["image_size"])
+
+    def array(self, name: str) -> zarr.Array:
+        """One of images, labels, index, valid."""
+        return self.group[name]
 
     def images(self) -> zarr.Array:
         """The `images` array, opened anew in each process (a DataLoader worker reads through its own handle)."""
