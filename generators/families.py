@@ -1,2 +1,2 @@
 """Imports every generator family so that each registers itself by name."""
-from generators import ddt, ditdh, jit, lightningdit  # noqa: F401
+from generators import ddt, ditdh, jit, lightningdit, wit  # noqa: F401
