@@ -199,8 +199,10 @@ class RunFolder:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
 
-    def save_training_state(self, step: int, ema_state: dict[str, torch.Tensor] | None, keep: int = 2) -> Path:
-        """All ranks call this. Writes to a temporary folder, then the main process renames it."""
+    def save_training_state(self, step: int, ema_state: dict[str, torch.Tensor] | None, keep: int = 2,
+                            more_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """All ranks call this. Writes to a temporary folder, then the main process renames it. `more_weights`:
+        {file stem: state} of further weights-only snapshots (the averages of more EMA decays)."""
         final = self.ckpt_dir / f"step_{step:07d}"
         tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
         if self.acc.is_main_process:
@@ -210,6 +212,8 @@ class RunFolder:
         if self.acc.is_main_process:
             if ema_state is not None:
                 save_safetensors(ema_state, tmp / "ema.safetensors")
+            for stem, state in (more_weights or {}).items():
+                save_safetensors(state, tmp / f"{stem}.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
             faults.point("checkpoint")
             write_manifest(tmp)  # last: a checkpoint is trusted only with it
@@ -230,6 +234,12 @@ class RunFolder:
         state, ema_state = self.load_training_state(latest)
         if ema is not None:
             ema.load_state_dict(ema_state)
+            if extra := getattr(ema, "extra_state_dicts", lambda: {})():
+                missing = [stem for stem in extra if not (latest / f"{stem}.safetensors").is_file()]
+                if missing:
+                    raise UserError(f"{latest} holds no {missing[0]}.safetensors, but the run keeps that EMA decay: "
+                                    "resume with the decays it was started with")
+                ema.load_extra_state_dicts({stem: load_safetensors(latest / f"{stem}.safetensors") for stem in extra})
         log.info("resumed from %s at step %d", latest, state["step"])
         return int(state["step"])
 
