@@ -61,8 +61,10 @@ def combine(
     return out
 
 
-def _in_interval(t: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
+def _in_interval(t: torch.Tensor, interval: tuple[float, float], open_ends: bool = False) -> torch.Tensor:
     lo, hi = interval
+    if open_ends:  # JiT's rule: t < hi and (lo == 0 or t > lo)
+        return (t < hi) & ((t > lo) if lo > 0 else torch.ones_like(t, dtype=torch.bool))
     return (t >= lo) & (t <= hi)
 
 
@@ -154,12 +156,15 @@ def cfg(
     ig_scale: float = 1.0,
     ig_interval: tuple[float, float] = (0.0, 1.0),
     schedule: Sequence[Sequence[float]] | None = None,
+    interval_open: bool = False,
 ) -> DenoiseFn:
     """Classifier-free guidance for ``model(x, t, y)``: one forward on [cond ; uncond].
 
     The unconditional half uses the null class ``model.num_classes``. With ``ig_scale != 1`` both halves are
     internally guided first (``internal``). ``schedule``, when given, replaces ``scale`` and ``interval`` (module
-    docstring). The model must be in eval mode, or its label dropout would corrupt the conditional half.
+    docstring). ``interval_open``: ``interval`` excludes its ends, lo < t < hi (lo = 0 keeps t = 0), as JiT's
+    sampler guides; on JiT's 51-point grid the interval (0.1, 1) then leaves t = 0.1 itself unguided.
+    The model must be in eval mode, or its label dropout would corrupt the conditional half.
     """
     if model.training:
         raise ValueError("cfg needs the model in eval mode (label dropout is active in training mode)")
@@ -174,7 +179,7 @@ def cfg(
         # Each sample's segment, the later one where two share an end; -1 outside every segment.
         segment = torch.full_like(t, -1, dtype=torch.long)
         for i, (lo, hi, _) in enumerate(segments):
-            segment = torch.where(_in_interval(t, (lo, hi)), i, segment)
+            segment = torch.where(_in_interval(t, (lo, hi), interval_open and schedule is None), i, segment)
         guides = [(segment == i, w) for i, (_, _, w) in enumerate(segments) if w != 1]
         if not guides or not bool(torch.stack([m for m, _ in guides]).any()):
             return velocity(x, t, y)

@@ -184,3 +184,22 @@ def test_the_sampler_follows_sample_cfg_schedule(tiny_dit):
     interval = run(s)
     assert torch.equal(run(OmegaConf.merge(s, {"cfg_scale": 10.0, "cfg_schedule": [[0.3, 1.0, 2.5]]})), interval)
     assert not torch.allclose(run(OmegaConf.merge(s, {"cfg_schedule": FAE})), interval)
+
+
+# --- JiT's interval rule: sample.cfg_interval_open ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lo, guided_points", [(0.1, list(range(6, 50))), (0.0, list(range(0, 50)))])
+def test_an_open_interval_guides_as_jit_on_its_grid(lo, guided_points):
+    """JiT guides where t < hi and (lo == 0 or t > lo): on linspace(0, 1, 51) with (0.1, 1) that is 0.12 ... 0.98
+    (t = 0.1 itself and t = 1 are not), with (0, 1) every point but 1. The closed interval guides t = 1 as well (float32
+    linspace's 0.1 is 0.09999999, below 0.1 either way)."""
+    model = Fields().eval()
+    grid = torch.linspace(0, 1, 51)
+    x = torch.randn(51, 4, 2, 2)
+    c, u = x + 1.0, 2.0 * x
+    for open_ends, expected in ((True, guided_points), (False, guided_points + [50])):
+        out = cfg(model, torch.arange(51) % 10, 3.0, (lo, 1.0), interval_open=open_ends)(x, grid)
+        guided = [i for i in range(51) if not torch.equal(out[i], c[i])]
+        assert guided == expected
+        assert all(torch.allclose(out[i], u[i] + 3.0 * (c[i] - u[i])) for i in guided)
