@@ -34,6 +34,15 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What a run of a family needs besides its latent or pixel source (WiT's two stages): the config key that
+    gives it, which a run without it names in its refusal, and what it is, for the compatibility matrix."""
+
+    key: str
+    what: str
+
+
+@dataclass(frozen=True)
 class GeneratorFamily:
     name: str
     build: Callable[..., nn.Module]  # build(size, **constructor keywords)
@@ -42,17 +51,18 @@ class GeneratorFamily:
     repa: Callable[[int, str], dict[str, Any]]  # (block k, 1-based; encoder name) -> keywords of a REPA projector there
     ig: Callable[[int], dict[str, Any]]  # block k (1-based) -> keywords of an internal-guidance head there
     releases: tuple[Release, ...] = ()
+    needs: Needs | None = None
 
 
 GENERATORS: dict[str, GeneratorFamily] = {}
 
 
 def register(name: str, config: str, tiny: dict[str, Any], repa: Callable[[int, str], dict[str, Any]],
-             ig: Callable[[int], dict[str, Any]], releases: tuple[Release, ...] = ()):
+             ig: Callable[[int], dict[str, Any]], releases: tuple[Release, ...] = (), needs: Needs | None = None):
     """Decorator of a family's builder `build(size, **constructor keywords)`: makes `model.family: <name>` build it."""
 
     def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        GENERATORS[name] = GeneratorFamily(name, build, config, tiny, repa, ig, releases)
+        GENERATORS[name] = GeneratorFamily(name, build, config, tiny, repa, ig, releases, needs)
         return build
 
     return wrap

@@ -2,7 +2,8 @@
 
 Samples a trained generator (the EMA weights of its latest checkpoint, or `--checkpoint`), or
 an official release (`--official file.pt --latent <name> [generator=<family file>]`; the default
-generator is the latent config's), decodes the latents with the latent config's tokenizer and
+generator is the latent config's; a pixel-space release, JiT's, takes `--pixels <data>` instead and decodes
+nothing), decodes the latents with the latent config's tokenizer and
 writes an ADM-format `.npz` (`arr_0` uint8 NHWC, `arr_1` labels) plus a PNG grid. Guidance: CFG
 (`sample.cfg_scale`, interval, channels; or `sample.cfg_schedule`, a scale per time segment) and, on top
 of it, AutoGuidance by a weaker model (`sample.autoguidance.guide=<run folder | checkpoint folder | official
@@ -33,6 +34,7 @@ from core import cli
 from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.cli import UsageError
 from core.config import CONFIG_DIR, apply_overrides, compose, load_yaml, parse_overrides, split_cli, to_dict
+from core.ema import weights_name
 from core.errors import CorruptFileError, MismatchError, UserError
 from core.integrity import problem, sha256_file, write_recorded
 from core.lock import WriterLock
@@ -59,6 +61,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
     p.add_argument("--checkpoint", help="a checkpoints/step_NNNNNNN folder of the run (default: the latest)")
     p.add_argument("--official", help="an official checkpoint file; needs --latent and generator=<name>")
     p.add_argument("--latent", help="latent config (default: the run's)")
+    p.add_argument("--pixels", metavar="DATA", help="an --official pixel-space model (JiT): the latent config pixels:DATA")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
     p.add_argument("--labels", choices=["balanced", "random"], default="balanced")
@@ -67,6 +70,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
                    help="samples per part file: an interrupted run resumes after its last finished part")
     positional, preset, overrides = split_cli(argv)
     args = p.parse_args(positional)
+    if args.pixels:
+        if args.latent:
+            raise UsageError("give --latent or --pixels, not both")
+        args.latent = f"pixels:{args.pixels}"
     if args.run:
         config = Path(args.run) / "config.yaml"
         if not config.is_file():
@@ -75,7 +82,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
         apply_overrides(cfg, parse_overrides(overrides), "the sampling command line")
     elif args.official:
         if not args.latent:
-            raise UsageError("--official needs --latent <name>")
+            raise UsageError("--official needs --latent <name> (or --pixels <data> for a pixel-space model)")
         cfg = generator_config(args.latent, preset, overrides)
     else:
         raise UsageError("give --run <run folder> or --official <file> (see --help)")
@@ -86,12 +93,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, DictConfig]:
 
 
 def with_new_sample_keys(cfg: DictConfig) -> DictConfig:
-    """A run config saved before `sample.last_step`, `sample.share` and `sample.cfg_schedule` existed gets their
-    defaults (off), so that its samples can set them."""
+    """A run config saved before `sample.last_step`, `sample.share`, `sample.cfg_schedule`, `sample.cfg_interval_open`,
+    `sample.ema` and the noise scale existed gets their defaults (off; the noise scale that run trained with), so
+    that its samples can set them."""
     base = load_yaml(CONFIG_DIR / "generator" / "base.yaml").sample
-    for key in ("last_step", "share", "cfg_schedule"):
+    for key in ("last_step", "share", "cfg_schedule", "cfg_interval_open", "ema"):
         if key not in cfg.sample:
             cfg.sample[key] = base[key]
+    if "noise_scale" not in cfg.sample:
+        cfg.sample.noise_scale = cfg.flow.get("noise_scale", 1.0)
     return cfg
 
 
@@ -120,6 +130,19 @@ def finished_checkpoint(path: Path) -> Path:
     return last
 
 
+def ema_file(ckpt: Path, cfg: DictConfig) -> Path:
+    """The EMA weights `sample.ema` picks in checkpoint `ckpt`: `ema.safetensors` for the first decay of
+    `train.ema_decay` (or when unset), `ema_<decay>.safetensors` for another one the run keeps."""
+    chosen = cfg.sample.get("ema")
+    kept = cfg.train.ema_decay
+    kept = [float(d) for d in kept] if OmegaConf.is_list(kept) else [float(kept)]
+    if chosen is None or float(chosen) == kept[0]:
+        return ckpt / "ema.safetensors"
+    if float(chosen) not in kept:
+        raise UserError(f"sample.ema={chosen}: the run keeps the EMA decays {kept} (train.ema_decay)")
+    return ckpt / f"{weights_name(float(chosen))}.safetensors"
+
+
 def load_model(args: argparse.Namespace, cfg: DictConfig, ckpt: Path | None = None) -> torch.nn.Module:
     """The official file, or the EMA weights of `ckpt` (default: the run's checkpoint, checked against its manifest)."""
     model = build_generator(cfg.model)
@@ -127,8 +150,9 @@ def load_model(args: argparse.Namespace, cfg: DictConfig, ckpt: Path | None = No
         model.load_official_state_dict(load_torch_weights(args.official))
         return model.eval()
     ckpt = ckpt or finished_checkpoint(Path(args.checkpoint or args.run))
-    model.load_state_dict(load_safetensors(ckpt / "ema.safetensors"), strict=True)
-    log.info("EMA weights from %s", ckpt)
+    weights = ema_file(ckpt, cfg)
+    model.load_state_dict(load_safetensors(weights), strict=True)
+    log.info("EMA weights from %s", weights)
     return model.eval()
 
 
@@ -167,7 +191,8 @@ def denoise_fn(model: torch.nn.Module, y: torch.Tensor, s: DictConfig,
     Guidance existed have no ig_* keys: no IG."""
     fn = cfg_guidance(model, y, s.cfg_scale, (s.cfg_interval_start, 1.0),
                       list(s.cfg_channels) if s.cfg_channels is not None else None,
-                      s.get("ig_scale", 1.0), tuple(s.get("ig_interval", (0.0, 1.0))), s.get("cfg_schedule"))
+                      s.get("ig_scale", 1.0), tuple(s.get("ig_interval", (0.0, 1.0))), s.get("cfg_schedule"),
+                      bool(s.get("cfg_interval_open", False)))
     if guide is None:
         return fn
     return guided(fn, conditional(guide, y), s.autoguidance.scale, tuple(s.autoguidance.interval))
@@ -225,7 +250,7 @@ def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], 
                    record: sharing.Record | None = None) -> torch.Tensor:
     """Latents of the samples `indices` (their noise is seeded per index) with labels `y`, by the settings `s`
     (encoder sharing by `s.share` included). `record`: gets the evaluation counts and the sampling wall time."""
-    z = initial_noise(indices, shape, s.seed, device)
+    z = initial_noise(indices, shape, s.seed, device) * float(s.get("noise_scale", 1.0))
     sharing.check(model, s)
     start = time.perf_counter()
     if sfd.is_semantic_first(model):
@@ -292,8 +317,9 @@ def sample_provenance(args: argparse.Namespace, cfg: DictConfig, ckpt: Path | No
         generator = {"official_file": str(Path(args.official).resolve()), "sha256": sha256_file(args.official),
                      "ema": "unknown: official file (its 'ema' entry is used if it has one)"}
     else:
+        weights = ema_file(ckpt, cfg)
         generator = {"run": str(Path(args.run).resolve()), "checkpoint": str(ckpt.resolve()), "ema": True,
-                     "sha256": sha256_file(ckpt / "ema.safetensors")}
+                     "weights": weights.name, "sha256": sha256_file(weights)}
     ag = cfg.sample.get("autoguidance")
     guide = None
     if ag is not None and ag.guide:

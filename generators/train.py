@@ -1,6 +1,7 @@
-"""`python -m generators.train --latent <name> [generator=<family file>] [preset=...] [key=value ...]`
+"""`python -m generators.train --latent <name> | --pixels <data> [generator=<family file>] [preset=...] [key=value ...]`
 
-Trains a generator on a latent source with accelerate (one CPU ... many GPUs and nodes):
+Trains a generator on a latent source, or on images themselves (`--pixels <data config>`: the tokenizer-free JiT and
+WiT, latents/pixels.py), with accelerate (one CPU ... many GPUs and nodes):
 bf16 autocast on GPU, fused AdamW on CUDA, EMA, optional gradient clipping, gradient
 checkpointing and torch.compile. The run folder (``run.dir``) holds the config, JSON-lines
 metrics, periodic sample grids and atomic checkpoints; started again with the same folder the
@@ -53,18 +54,26 @@ def parse(argv: list[str]) -> tuple[DictConfig, DictConfig] | None:
     parser = cli.ArgumentParser(prog="python -m generators.train", add_help=False,
                                 description="Train a generator on a latent source (one CPU ... many GPUs and nodes); "
                                             "started again on its run folder, a run resumes exactly.",
-                                usage="python -m generators.train --latent NAME [generator=NAME] [preset=NAME] [key=value ...]")
-    parser.add_argument("--latent", required=True, help="a configs/latent/<name>.yaml name or a YAML path")
+                                usage="python -m generators.train --latent NAME | --pixels DATA [generator=NAME] [preset=NAME] "
+                                      "[key=value ...]")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--latent", help="a configs/latent/<name>.yaml name or a YAML path")
+    source.add_argument("--pixels", metavar="DATA",
+                        help="train on the images of a configs/data/<name>.yaml name or YAML path, no tokenizer "
+                             "(the latent config pixels:DATA; a preset's section latent.pixels may name an image store)")
     positional, preset, overrides = split_cli(argv)
     if cli.wants_help(positional):
         chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("generator=")]
         print(generator_help(parser, chosen[-1] if chosen else None))
         return None
     args = parser.parse_args(positional)
+    if args.pixels:
+        args.latent = f"pixels:{args.pixels}"
     latent_cfg = load_latent_config(args.latent, preset)  # the preset's section latent.<name>, if any
     cfg = generator_config(args.latent, preset, overrides)
     if cfg.run.dir is None:
-        cfg.run.dir = f"runs/generator/{Path(str(args.latent)).stem}_{cfg.generator}"
+        source = f"pixels_{Path(args.pixels).stem}" if args.pixels else Path(str(args.latent)).stem
+        cfg.run.dir = f"runs/generator/{source}_{cfg.generator}"
     OmegaConf.resolve(cfg)  # a preset may write run.dir with ${latent}
     check_cfg_schedule(cfg.sample)  # the sample grids use it: refused now, not at the first grid
     return cfg, latent_cfg
@@ -99,18 +108,33 @@ def step_randomness(seed: int, step: int, global_batch: int, rank: int, world: i
     """Noise, times and label drops of this process's share of one step, each sample's from its own generator
     (core.runtime.step_generators), drawn in that order."""
     gens = step_generators(seed, step, global_batch, rank, world)
-    eps = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    eps = torch.stack([torch.randn(shape, generator=g) for g in gens]) * float(cfg.noise_scale)
     t = torch.cat([flow.sample_t(1, cfg.time_dist, cfg.time_mu, cfg.time_sigma, cfg.time_shift, generator=g) for g in gens])
     drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < drop_prob
     return eps.to(device), t.to(device), drop.to(device)
 
 
 def repa_features(objective: Objective, cfg: DictConfig) -> dict[str, Any] | None:
-    """What the loader must give beside the latents: REPA's target tokens when the model has a projector."""
+    """What the loader must give beside the latents: REPA's target tokens when the model has a projector, WiT's
+    waypoint targets (the PCA'd tokens of `train.waypoints.encoder`) for a waypoint generator."""
+    if objective.prediction == "waypoints":
+        w = cfg.train.waypoints
+        if not w.encoder or not w.pca:
+            raise UserError("a waypoint generator (WiT stage A) learns the PCA'd tokens of a frozen encoder: set "
+                            "train.waypoints.encoder and train.waypoints.pca (python -m latents.waypoints fits it)")
+        # A token per model patch: the waypoints' grid is the model's (W_psi's tokens, G_theta's).
+        return {"encoder": str(w.encoder), "weights": w.weights, "random_init": bool(w.random_init), "pca": str(w.pca),
+                "cell": int(objective.model.patch_size), "depth": w.depth}
     if not objective.repa:
         return None
     r = cfg.train.repa
     return {"encoder": objective.repa_encoder, "weights": r.encoder_weights, "random_init": bool(r.random_init)}
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The lr multiplier of step `step` (0-based): step / warmup_steps during the warmup, as JiT's per-iteration
+    schedule (its first step has lr 0), then 1. A pure function of the step, so a resumed run continues it."""
+    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 @torch.no_grad()
@@ -138,7 +162,12 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     sfd.check_groups(objective.model, info.channel_groups)
     features = repa_features(objective, cfg)
     if features is not None:
-        info = latent_info(latent_cfg, features=features)
+        try:
+            info = latent_info(latent_cfg, features=features)
+        except UserError as e:  # say which setting asked for them: REPA's are named so already
+            if objective.prediction != "waypoints":
+                raise
+            raise type(e)(f"the waypoint targets of train.waypoints ({features['encoder']}): {e}") from e
         objective.check_targets(info.latent_shape, info.feature_shape)
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"), upgrade=upgrade_run_config)
@@ -149,11 +178,14 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
     model = build_generator(model_cfg)
+    if hasattr(model, "prepare_training") and run.latest_checkpoint() is None:
+        model.prepare_training()  # frozen parts trained elsewhere (WiT's W_psi); a resumed run has them in its checkpoint
     loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device,
                                  info=info, features=features)
     ema = EMA(model, cfg.train.ema_decay)
     ema.model.to(acc.device)
     opt = build_optimizer(model, cfg.train)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     model, opt = acc.prepare(model, opt)
     step = run.resume(ema)
     run.track(cfg, step)
@@ -167,6 +199,9 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         guide.to(acc.device)
     shape = loader.latent_shape
     drop_prob = acc.unwrap_model(model).y_embedder.dropout_prob
+    grids = objective.prediction != "waypoints"  # a waypoint generator makes no images: no sample grids
+    if not grids:
+        log.info("a waypoint generator predicts waypoints, not images: no sample grids")
     bar = progress(total=cfg.train.steps, initial=step, desc="train", enabled=acc.is_main_process)
     model.train()
     while step < cfg.train.steps:
@@ -184,6 +219,8 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
             raise NonFiniteLoss(f"loss is {loss_value} at step {step}; stopped without updating the weights. "
                                 f"Last good checkpoint: {kept or 'none yet'} (kept). Lower train.lr, set "
                                 "train.grad_clip=1.0 or model.options.use_qknorm=true, and resume.")
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * warmup_factor(step, int(cfg.train.warmup_steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(acc.unwrap_model(model))
@@ -196,8 +233,9 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
             run.log(step=step, **fields)
             bar.set_postfix(loss=f"{fields['loss']:.4f}")
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            run.save_training_state(step, ema.state_dict(), keep=cfg.train.keep_checkpoints)
-        if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+            run.save_training_state(step, ema.state_dict(), keep=cfg.train.keep_checkpoints,
+                                    more_weights=ema.extra_state_dicts())
+        if grids and acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
             save_samples(ema.model, cfg, loader, shape, acc.device, run.path / "samples" / f"step_{step:07d}.png", guide)
     bar.close()
     acc.wait_for_everyone()

@@ -46,7 +46,7 @@ from generators.jit import (
     JiTSwiGLU,
 )
 from generators.layers import RMSNorm, TimestepEmbedder, adaln_modulation, modulate, run_block
-from generators.registry import build_generator, register, run_config
+from generators.registry import Needs, build_generator, register, run_config
 
 log = get_logger("generators.wit")
 
@@ -328,7 +328,9 @@ def _no_training_aid(what: str):
 @register("wit_waypoints", config="wit_waypoints",
           tiny={"size": "S/16", "options": {"patch_size": 1, "hidden_size": 32, "depth": 2, "num_heads": 2,
                                             "bottleneck_dim": 8, "waypoint_dim": 4}},
-          repa=_no_training_aid("REPA projector"), ig=_no_training_aid("internal-guidance head"))
+          repa=_no_training_aid("REPA projector"), ig=_no_training_aid("internal-guidance head"),
+          needs=Needs("train.waypoints", "waypoint targets: a frozen encoder's tokens and their PCA (python -m "
+                      "latents.waypoints), computed from the images, or stored as that encoder's features"))
 def build_waypoints(name: str, **overrides: Any) -> WaypointGenerator:
     """W_psi of a size (``"S/16"``); ``overrides`` are constructor keywords."""
     if name not in WAYPOINT_PRESETS:
@@ -343,7 +345,8 @@ def build_waypoints(name: str, **overrides: Any) -> WaypointGenerator:
                                             "waypoint_options": {"hidden_size": 32, "depth": 1, "num_heads": 2,
                                                                  "bottleneck_dim": 8, "waypoint_dim": 4}}},
           repa=lambda depth, encoder: {"repa_depth": depth, "repa_encoder": encoder},
-          ig=lambda depth: {"ig_depth": depth})
+          ig=lambda depth: {"ig_depth": depth},
+          needs=Needs("waypoints_from", "a stage A run (wit_waypoints) on the same source"))
 def build_wit(name: str, **overrides: Any) -> WiT:
     """A WiT size (``"B/16"``, ``"L/16"``, ``"XL/16"``); ``overrides`` are constructor keywords (JiT's and WiT's)."""
     key = name.removeprefix("WiT-")

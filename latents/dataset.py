@@ -73,12 +73,18 @@ class FeatureRequest:
     SFD: dinov2_b_reg) with its weights file (None: the Hugging Face cache, or any real weights a store used) or
     seeded random weights (tests, demos). A store must hold features of this encoder, random or not as asked and,
     when `weights` is given, of that file's bytes. `pca`: a WiT waypoint PCA file (latents/waypoints.py) fitted on
-    this encoder's tokens, applied after it, so the features are WiT's waypoint targets [tokens, pca dim]."""
+    this encoder's tokens, applied after it, so the features are WiT's waypoint targets [tokens, pca dim]; the PCA
+    must have been fitted on the very encoder computed here (weights, depth, input size: its provenance).
+    `cell`: a token per cell x cell image pixels (16: the encoder's own grid at 256 px; a smaller cell feeds it a
+    larger image); `depth`: only the encoder's first blocks (a cheap random encoder for CPU demos). Both apply to
+    the encoder run on images (online, pixel loaders), not to a store's features."""
 
     encoder: str
     weights: str | None = None
     random_init: bool = False
     pca: str | None = None
+    cell: int = 16
+    depth: int | None = None
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -124,7 +130,10 @@ class FeatureTargets:
         from tokenizers.encoders import build_feature_encoder
 
         self.pca = request.waypoints()  # first: a PCA of another encoder is refused before any model is built
-        self.encoder = build_feature_encoder(request.encoder, request.weights, request.random_init, image_size)
+        self.encoder = build_feature_encoder(request.encoder, request.weights, request.random_init, image_size,
+                                             request.cell, request.depth)
+        if self.pca is not None:
+            check_fitted_on(self.pca, request.pca, self.encoder.provenance())
         self.encoder.to(device)
         self.shape = request.shape(self.encoder.grid**2, self.encoder.feature_dim)
 
@@ -132,6 +141,21 @@ class FeatureTargets:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder(images).float()
         return tokens if self.pca is None else self.pca.project(tokens)
+
+
+# What a PCA's tokens depend on beyond the encoder's name: the same keys must hold for the encoder it projects.
+FITTED_ON = ("timm_name", "input_size", "grid", "random_init", "depth", "weights_sha256")
+
+
+def check_fitted_on(pca: PCA, path: str, encoder: dict[str, Any]) -> None:
+    """A MismatchError unless the waypoint PCA at `path` was fitted on tokens of the encoder whose provenance is
+    `encoder` (weights, depth, input size and grid); a PCA file without provenance is taken on its encoder name."""
+    differ = [k for k in FITTED_ON if k in pca.provenance and pca.provenance[k] != encoder.get(k)]
+    if differ:
+        k = differ[0]
+        raise MismatchError(f"the waypoint PCA {path} was fitted on {pca.encoder} tokens with {k}={pca.provenance[k]}, "
+                            f"the encoder computed here has {k}={encoder.get(k)}: fit it on this encoder "
+                            "(python -m latents.waypoints with the same weights, --depth and --cell)")
 
 
 @dataclass(frozen=True)
@@ -184,7 +208,7 @@ def latent_info(latent_cfg: str | Path | Mapping[str, Any],
                 raise MismatchError(f"latent store {s.url} holds {s.latent_shape} latents, the online source makes {shape}")
             check_made_by(tok_info, cfg.tokenizer, s)
         if request is not None:
-            fshape = request.shape(*feature_shape(request.encoder, open_source(cfg)[1]))
+            fshape = request.shape(*feature_shape(request.encoder, open_source(cfg)[1], request.cell))
     else:
         shape, num_classes, num_rows = stores[0].latent_shape, stores[0].num_classes, sum(s.num_valid for s in stores)
         if request is not None:

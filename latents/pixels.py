@@ -62,7 +62,7 @@ def pixel_info(cfg: DictConfig, request: FeatureRequest | None) -> tuple[tuple[i
     from tokenizers.encoders import feature_shape
 
     _, rows, classes, size = open_rows(cfg)
-    fshape = None if request is None else request.shape(*feature_shape(request.encoder, size))
+    fshape = None if request is None else request.shape(*feature_shape(request.encoder, size, request.cell))
     return (3, size, size), classes, rows, fshape
 
 

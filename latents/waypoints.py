@@ -7,13 +7,13 @@ safetensors file (`mean`, `components`, `variance`) whose metadata names the enc
 store can check they use the same one.
 
     python -m latents.waypoints --data <name | yaml> --encoder dinov3_b --num 50000 --out <file.safetensors>
-        [--weights FILE | --random-init] [--depth K] [--dim 64] [--batch-size 64] [--seed 0] [--workers N]
+        [--weights FILE | --random-init] [--depth K] [--cell 16] [--dim 64] [--batch-size 64] [--seed 0] [--workers N]
         [data.key=value ...]
 
 fits it on the patch tokens of `--num` images drawn without replacement by a seeded random choice from the data
 set (WiT: 50,000 random ImageNet training images), one view each (no mirror: the paper fits on the images). The
-encoder is tokenizers.encoders.build_feature_encoder's, a token per 16 x 16 pixels, as the targets' loader
-encodes them: (S/16)^2 tokens, the JiT/WiT token grid. The sums are float64 on the encoder's device. The file
+encoder is tokenizers.encoders.build_feature_encoder's, a token per `--cell` x `--cell` pixels (16: the encoder's own
+grid at 256 px), as the targets' loader encodes them: (S/cell)^2 tokens, the JiT/WiT token grid of patch `cell`. The sums are float64 on the encoder's device. The file
 records the encoder's provenance (name, timm model, weights sha256 or random init, depth, sizes), the number of
 images used, the data source and the seed. It is written once, atomically; an existing --out is refused, since
 the runs that read it must not see it change. Not resumable: 50,000 images are minutes on one GPU.
@@ -147,6 +147,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     weights.add_argument("--weights", default=None, metavar="FILE", help="the encoder's weights file (default: the Hugging Face cache)")
     weights.add_argument("--random-init", action="store_true", help="seeded random encoder weights (tests and demos only)")
     p.add_argument("--depth", type=int, default=None, help="keep the encoder's first K blocks only (cheap CPU demos)")
+    p.add_argument("--cell", type=int, default=16, help="a token per cell x cell pixels: the generator's patch size "
+                                                         "(default 16)")
     p.add_argument("--dim", type=int, default=64, help="principal components kept (WiT: 64)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="the random choice of the images")
@@ -166,7 +168,7 @@ def main(argv: list[str]) -> None:
     source = build_source(data_cfg)
     try:
         encoder = build_feature_encoder(args.encoder, args.weights, args.random_init, image_size=int(data_cfg["image_size"]),
-                                        depth=args.depth)
+                                        cell=args.cell, depth=args.depth)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} [here: --weights FILE, or --random-init for a test]") from e
     encoder.to("cuda" if torch.cuda.is_available() else "cpu")

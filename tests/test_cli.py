@@ -15,7 +15,7 @@ from core.samples import save_samples_npz
 from latents.extract import main as extract_main
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["tokenizers.train", "latents.extract", "generators.train", "generators.sample", "eval.recon", "eval.gen",
+COMMANDS = ["tokenizers.train", "latents.extract", "latents.waypoints", "generators.train", "generators.sample", "eval.recon", "eval.gen",
             "eval.make_ref", "eval.demo_report"]
 
 
@@ -97,7 +97,7 @@ def test_typos_name_the_nearest_valid_choice(made, capsys):
     assert "unrecognized arguments: --kidd" in failure("eval.gen", ["--samples", "a", "--ref", "b", "--kidd"], capsys)
     assert "did you mean 'num_images'" in failure("eval.make_ref", ["--data", "synthetic", "--out", str(made / "r.npz"),
                                                                     "data.num_imagse=3"], capsys)
-    assert "required: --tokenizer-run" in failure("eval.demo_report", ["--tokenizer_run", "x"], capsys)
+    assert "required: --generator-run" in failure("eval.demo_report", ["--generator_run", "x"], capsys)
 
 
 def test_missing_files_are_named(made, tmp_path, capsys):

@@ -2,7 +2,9 @@
 tiny, through the commands (extract a store, train 3 steps, resume to 4, sample and decode). A pair the generator
 rejects must say why, and the README's table must be the one tools/matrix.py makes from the same registries.
 A feature tokenizer (decodes_to "features": SemVAE) has no image decoder: a generator run on its latents alone must
-stop, saying they do not decode to images, and its decode must give features [B, tokens, dim] of the latents' grid."""
+stop, saying they do not decode to images, and its decode must give features [B, tokens, dim] of the latents' grid.
+A family that needs more than a latent source (its registered `needs`: WiT's waypoint targets, its stage A run) must
+refuse a run without it, naming the key that gives it."""
 import dataclasses
 import json
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import MismatchError
+from core.errors import MismatchError, UserError
 from core.log import read_jsonl
 from generators import sample as gsample
 from generators import train as gtrain
@@ -80,6 +82,11 @@ def exercise(latents: Path, family: str, tmp_path: Path, *extra: str) -> str | N
             gtrain.train(cfg, latent_cfg)
         assert str(e.value) == reason
         return reason
+    needs = shipped_generators()[family].needs
+    if needs is not None:  # WiT's stages: trained end to end in tests/generators/test_wit_train.py
+        with pytest.raises(UserError, match=needs.key.replace(".", r"\.")):
+            gtrain.train(cfg, latent_cfg)
+        return f"needs {needs.key}"
     tok = load_tokenizer(latents.parent / "tok")
     if tok.decodes_to != "images":  # a semantic group (see the module docstring)
         assert tok.decodes_to == "features"

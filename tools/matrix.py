@@ -45,6 +45,8 @@ def cell(family: GeneratorFamily, tokenizer: str, variant: str, shape: tuple[int
         return f"no: {reason}"
     if decodes_to != "images":
         return f"no: decodes to {decodes_to}, not images; a group of a composite latent (SFD)"
+    if family.needs is not None:
+        return f"works with {family.needs.what} (`{family.needs.key}`)"
     official = [r.name for r in family.releases if (r.tokenizer, r.variant) == (tokenizer, variant)]
     return "works" + (f"; official: {', '.join(official)}" if official else "")
 

@@ -144,7 +144,7 @@ def test_samples_record_how_they_were_made(trained, tmp_path, monkeypatch):
     assert not any(key.startswith("grid_") for key in settings)  # they shape training grids only
     last = (trained / "checkpoints" / "step_0000030").resolve()  # the latest: what --run samples
     assert made["generator"] == {"run": str(trained.resolve()), "checkpoint": str(last), "ema": True,
-                                 "sha256": sha256_file(last / "ema.safetensors")}
+                                 "weights": "ema.safetensors", "sha256": sha256_file(last / "ema.safetensors")}
     assert made["guide"] == {"weights": str((earlier / "ema.safetensors").resolve()),
                              "sha256": sha256_file(earlier / "ema.safetensors")}
     assert made["model"] == OmegaConf.to_container(cfg.model) and made["latent"] == cfg.latent

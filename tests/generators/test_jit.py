@@ -255,8 +255,35 @@ def test_configs_build_the_release_recipe(name, size, side, cfg, noise):
     assert list(c.train.ema_decay) == [0.9999, 0.9996, 0.9998] and list(c.train.betas) == [0.9, 0.95]
     assert (c.flow.time_mu, c.flow.time_sigma, c.flow.cos_weight, c.flow.noise_scale) == (-0.8, 0.8, 0.0, noise)
     assert (c.sample.method, c.sample.steps, c.sample.cfg_scale) == ("heun", 51, cfg)
+    assert (c.sample.cfg_interval_start, c.sample.cfg_interval_open, c.sample.noise_scale) == (0.1, True, noise)
     assert c.model.options.get("proj_drop", 0.0) == (0.2 if size[0] in "HG" else 0.0)
     if name == "jit_b16":
         with torch.device("meta"):
             model = build_generator(c.model)
         assert isinstance(model, JiT) and len(model.state_dict()) == 183
+
+
+def test_the_v_target_is_x_minus_eps_until_the_clip_and_the_loss_is_jits():
+    """Objective.path for an x-predicting model: target (x - x_t) / max(1 - t, 0.05), which is x - eps while
+    1 - t > 0.05 and (1 - t)(x - eps) / 0.05 beyond; with forward's clamped velocity the loss is JiT's
+    mean((v - v_hat)^2), i.e. ||x_hat - x||^2 / max(1 - t, 0.05)^2."""
+    from omegaconf import OmegaConf
+
+    from generators.objective import Objective
+
+    model = JiT(**TINY).eval()
+    cfg = OmegaConf.merge(compose("generator", "jit_b16"), {"model": {"input_size": 8}})
+    objective = Objective(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0.1, 0.5, 0.96, 0.999])
+    x_t, t_model, target = objective.path(x, eps, t)
+    assert torch.equal(t_model, t) and torch.allclose(x_t, t[:, None, None, None] * x + (1 - t[:, None, None, None]) * eps)
+    assert torch.allclose(target[:2], (x - eps)[:2], atol=1e-5)
+    gap = (1 - t[2:]).reshape(-1, 1, 1, 1)
+    assert torch.allclose(target[2:], gap * (x - eps)[2:] / 0.05, atol=1e-5)
+    losses = objective(model, x_t, t, torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), target, None, 0,
+                       torch.no_grad)
+    x_hat = model.predict_x(x_t, t, torch.zeros(4, dtype=torch.long))
+    expected = ((x_hat - x).pow(2) / (1 - t).clamp_min(0.05).reshape(-1, 1, 1, 1) ** 2).mean()
+    assert torch.allclose(losses["loss"], expected, rtol=1e-5)

@@ -206,8 +206,9 @@ def test_the_fae_recipe_composes_with_the_papers_settings():
         assert sum(p.numel() for p in build_generator(cfg.model).parameters()) == 675_256_736  # the paper's 675.26M
     t = cfg.train
     assert (t.lr, list(t.betas), t.global_batch, t.steps) == (1e-4, [0.9, 0.95], 512, 2_000_000)
-    # The trainer has no lr schedule (constant, no warm-up): a key for one would have to be set here.
-    assert not [k for k in dotted_keys(t) if "warmup" in k or "schedule" in k]
+    # Constant lr, no warm-up: the only schedule key is off, and no other exists that would have to be set here.
+    assert t.warmup_steps == 0
+    assert not [k for k in dotted_keys(t) if ("warmup" in k or "schedule" in k) and k != "warmup_steps"]
     s = cfg.sample
     assert (s.method, s.steps, s.shift, s.cfg_scale, s.cfg_schedule) == ("euler_maruyama", 250, 0.4, 1.0, None)
     run, latent = gtrain.parse(["--latent", "fae_dino"])  # no tokenizer folder or store needed to compose

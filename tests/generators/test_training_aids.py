@@ -124,6 +124,12 @@ def test_every_family_builds_repa_and_ig_from_the_generic_keys(family):
     fam = shipped_generators()[family]
     cfg = {"family": family, "size": fam.tiny["size"], "input_size": 4, "in_channels": 8, "num_classes": 10,
            "options": fam.tiny["options"], "repa_depth": 1, "repa_encoder": "dinov2_b", "ig_depth": 1}
+    plain = {k: v for k, v in cfg.items() if k not in ("repa_depth", "ig_depth")}
+    if getattr(build_generator(plain), "prediction", None) == "waypoints":  # WiT's W_psi generates waypoints, not images
+        for aid in ("repa_depth", "ig_depth"):
+            with pytest.raises(UserError, match="its loss is L_sem alone"):
+                build_generator({**plain, aid: 1})
+        return
     model = randomize(build_generator(cfg)).eval()
     x, t, y = inputs(side=4)
     v, v_mid, projected = model(x, t, y, return_ig=True, return_repa=True)
