@@ -39,7 +39,8 @@ from core.checkpoint import load_safetensors, load_torch_weights
 from core.config import compose
 from generators import sfd, sharing
 from generators.registry import build_generator, run_config
-from generators.sample import finished_checkpoint, sample_latents, share_schedule
+from core.runtime import finished_checkpoint
+from generators.sample import sample_latents, share_schedule
 from generators.sampling import evaluations, initial_noise
 
 

@@ -25,6 +25,12 @@ class EMA:
         self.models = [copy.deepcopy(model).float().eval().requires_grad_(False) for _ in self.decays]
         self.model = self.models[0]
 
+    def to(self, device: torch.device | str) -> "EMA":
+        """Move every average (not only the primary) to `device`."""
+        for m in self.models:
+            m.to(device)
+        return self
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         params = [(name, p.detach().float()) for name, p in model.named_parameters()]
@@ -54,4 +60,4 @@ class EMA:
 
 def weights_name(decay: float) -> str:
     """The file stem of the average with this decay beside the primary `ema`: `ema_0.9996`."""
-    return f"ema_{float(decay):g}"
+    return f"ema_{float(decay)!r}"  # repr: distinct decays never share a file (0.9999995 is not ema_1)

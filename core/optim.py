@@ -66,6 +66,9 @@ class MuonAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+        # torch's load_state_dict gives each optimizer new group dicts: ours must be those, or an lr set on them
+        # (the warmup, a scheduler) would reach nothing that steps.
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.Optimizer:

@@ -107,6 +107,20 @@ def latest_checkpoint(run_dir: str | Path, fallback: bool = True) -> Path | None
     return None
 
 
+def finished_checkpoint(path: str | Path) -> Path:
+    """A run's latest finished checkpoint folder, or `path` itself when it is a checkpoint folder; a damaged
+    one (files that differ from its manifest) is refused, naming the file."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        if problems := checkpoint_problems(path):
+            raise CorruptFileError(f"checkpoint {path} is damaged: {problems[0]}")
+        return path
+    last = latest_checkpoint(path, fallback=False)
+    if last is None:
+        raise FileNotFoundError(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
+    return last
+
+
 def checkpoint_problems(folder: Path) -> list[str]:
     """What is wrong with a checkpoint folder against its manifest (none for folders written before manifests)."""
     if not (folder / MANIFEST).is_file():

@@ -274,18 +274,7 @@ class JiT(nn.Module, OfficialCheckpointMixin):
         """The official init (reference §5.3): Xavier Linears with zero bias (the REPA projector too), sin-cos
         ``pos_embed``, both patch convs Xavier as Linears, N(0, 0.02) label table, t-MLP weights and in-context
         table, zeroed adaLN and output layers (a fresh model predicts x_hat = 0; the IG head likewise)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        grid = self.input_size // self.patch_size
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, grid).float()[None])
-        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
-            nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj2.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_stem(self)
         if self.in_context_len > 0:
             nn.init.normal_(self.in_context_posemb, std=0.02)
         zero_modulation_and_output(self.blocks, self.final_layer)
@@ -304,8 +293,12 @@ class JiT(nn.Module, OfficialCheckpointMixin):
     def _run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None,
              want_ig: bool, want_repa: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(x_hat, the IG head's x_hat or None, REPA's projected image tokens or None)."""
+        if force_drop_ids is None and self.training and self.y_embedder.dropout_prob > 0:
+            # Drawn here rather than inside the label embedder, so that a subclass's condition sees the same drops.
+            force_drop_ids = torch.rand(len(y), device=y.device) < self.y_embedder.dropout_prob
         y_emb = self.y_embedder(y, force_drop_ids)  # dropped labels: the null row, in the in-context tokens too
         c = self.t_embedder(t) + y_emb
+        cond, final_c = self._conditions(x, t, y, force_drop_ids, c)
         # Not in place, unlike upstream: under bf16 autocast the residual stream is then fp32 (upstream's is bf16).
         h = self.x_embedder(x) + self.pos_embed
         n_ctx, x_mid, repa = 0, None, None
@@ -314,12 +307,23 @@ class JiT(nn.Module, OfficialCheckpointMixin):
                 tokens = y_emb.unsqueeze(1).expand(-1, self.in_context_len, -1) + self.in_context_posemb
                 h = torch.cat([tokens.to(h.dtype), h], dim=1)
                 n_ctx = self.in_context_len
-            h = run_block(block, h, c, self.feat_rope_incontext if n_ctx else self.feat_rope, self.use_checkpoint)
+                if cond.ndim == 3:  # a per-token condition: the in-context tokens take c
+                    cond = torch.cat([c.unsqueeze(1).expand(-1, n_ctx, -1), cond], dim=1)
+            h = self._block(block, h, cond, self.feat_rope_incontext if n_ctx else self.feat_rope)
             if want_ig and i + 1 == self.ig_depth:
-                x_mid = self.unpatchify(self.ig_final_layer(h[:, n_ctx:], c))
+                x_mid = self.unpatchify(self.ig_final_layer(h[:, n_ctx:], final_c))
             if want_repa and i + 1 == self.repa_depth:
                 repa = self.repa_projector(h[:, n_ctx:])
-        return self.unpatchify(self.final_layer(h[:, n_ctx:], c)), x_mid, repa
+        return self.unpatchify(self.final_layer(h[:, n_ctx:], final_c)), x_mid, repa
+
+    def _conditions(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None,
+                    c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the blocks' condition, the final layer's) of the image tokens: c = e(t) + e(y) [B, D] for both. A subclass
+        may give per-token conditions [B, N, D] (WiT)."""
+        return c, c
+
+    def _block(self, block: nn.Module, h: torch.Tensor, cond: torch.Tensor, rope: nn.Module) -> torch.Tensor:
+        return run_block(block, h, cond, rope, self.use_checkpoint)
 
     def predict_x(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                   force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,6 +367,22 @@ class JiT(nn.Module, OfficialCheckpointMixin):
         model = build_jit(name, **overrides)
         model.load_official_state_dict(load_torch_weights(path), which)
         return model.eval()
+
+
+def init_stem(model: nn.Module) -> None:
+    """JiT's init of what every network of its blocks has (reference §5.3): Xavier Linears with zero bias, the sin-cos
+    ``pos_embed``, both patch convs Xavier as Linears, N(0, 0.02) label table and t-MLP weights (JiT, WiT's W_psi)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    model.pos_embed.data.copy_(sincos_pos_embed_2d(model.hidden_size, model.input_size // model.patch_size).float()[None])
+    for conv in (model.x_embedder.proj1, model.x_embedder.proj2):
+        nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj2.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
 
 
 @register(

@@ -35,12 +35,12 @@ from core.checkpoint import atomic_path, load_safetensors, load_torch_weights
 from core.cli import UsageError
 from core.config import CONFIG_DIR, apply_overrides, compose, load_yaml, parse_overrides, split_cli, to_dict
 from core.ema import weights_name
-from core.errors import CorruptFileError, MismatchError, UserError
+from core.errors import MismatchError, UserError
 from core.integrity import problem, sha256_file, write_recorded
 from core.lock import WriterLock
 from core.log import get_logger
 from core.provenance import code_version, provenance_file
-from core.runtime import checkpoint_problems, keep_setup, latest_checkpoint, make_accelerator, progress
+from core.runtime import finished_checkpoint, keep_setup, make_accelerator, progress
 from core.samples import save_npz, save_samples_npz, to_uint8
 from generators import sfd, sharing
 from generators.guidance import cfg as cfg_guidance
@@ -115,19 +115,6 @@ def generator_config(latent: str, preset: str | None, overrides: list[str]) -> D
     OmegaConf.set_struct(cfg, False)
     cfg.latent, cfg.preset, cfg.generator = latent, preset, generator
     return cfg
-
-
-def finished_checkpoint(path: Path) -> Path:
-    """A run's latest finished checkpoint folder, or `path` itself when it is a checkpoint folder; a damaged
-    one (files that differ from its manifest) is refused, naming the file."""
-    if (path / "trainer_state.json").is_file():
-        if problems := checkpoint_problems(path):
-            raise CorruptFileError(f"checkpoint {path} is damaged: {problems[0]}")
-        return path
-    last = latest_checkpoint(path, fallback=False)
-    if last is None:
-        raise FileNotFoundError(f"{path} is neither a run folder with a finished checkpoint nor a checkpoint folder")
-    return last
 
 
 def ema_file(ckpt: Path, cfg: DictConfig) -> Path:
@@ -231,12 +218,17 @@ def share_schedule(model: torch.nn.Module, guide: torch.nn.Module | None, s: Dic
     def run_template(plan: sharing.Sharing) -> None:
         count, seed = int(s.share.template), int(s.share.template_seed)
         y = torch.randint(0, model.num_classes, (count,), generator=torch.Generator().manual_seed(seed)).to(device)
-        z = initial_noise(range(count), shape, seed, device)
+        z = start_noise(range(count), shape, seed, s, device)
         fn = plan.denoise(denoise_fn(plan.wrap(model), y, s, plan.wrap(guide, "guide")))
         sample(fn, z, s.steps, s.method, s.shift, generators=sample_generators(range(count), seed, stream=1),
                last_step=s.get("last_step"))
 
     return sharing.schedule_for(model, guide, s, n, run_template, _trajectory_key(s, shape, device))
+
+
+def start_noise(indices: Any, shape: tuple[int, ...], seed: int, s: DictConfig, device: torch.device) -> torch.Tensor:
+    """The sampler's start: `initial_noise` of these samples times `sample.noise_scale` (JiT: image size / 256)."""
+    return initial_noise(indices, shape, seed, device) * float(s.get("noise_scale", 1.0))
 
 
 def _sync(device: torch.device) -> None:
@@ -250,7 +242,7 @@ def sample_latents(model: torch.nn.Module, y: torch.Tensor, indices: list[int], 
                    record: sharing.Record | None = None) -> torch.Tensor:
     """Latents of the samples `indices` (their noise is seeded per index) with labels `y`, by the settings `s`
     (encoder sharing by `s.share` included). `record`: gets the evaluation counts and the sampling wall time."""
-    z = initial_noise(indices, shape, s.seed, device) * float(s.get("noise_scale", 1.0))
+    z = start_noise(indices, shape, s.seed, s, device)
     sharing.check(model, s)
     start = time.perf_counter()
     if sfd.is_semantic_first(model):

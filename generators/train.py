@@ -114,7 +114,7 @@ def step_randomness(seed: int, step: int, global_batch: int, rank: int, world: i
     return eps.to(device), t.to(device), drop.to(device)
 
 
-def repa_features(objective: Objective, cfg: DictConfig) -> dict[str, Any] | None:
+def repa_features(objective: Objective, cfg: DictConfig, pixels: bool = False) -> dict[str, Any] | None:
     """What the loader must give beside the latents: REPA's target tokens when the model has a projector, WiT's
     waypoint targets (the PCA'd tokens of `train.waypoints.encoder`) for a waypoint generator."""
     if objective.prediction == "waypoints":
@@ -122,9 +122,11 @@ def repa_features(objective: Objective, cfg: DictConfig) -> dict[str, Any] | Non
         if not w.encoder or not w.pca:
             raise UserError("a waypoint generator (WiT stage A) learns the PCA'd tokens of a frozen encoder: set "
                             "train.waypoints.encoder and train.waypoints.pca (python -m latents.waypoints fits it)")
-        # A token per model patch: the waypoints' grid is the model's (W_psi's tokens, G_theta's).
+        # On pixels a token per model patch: the waypoints' grid is then the model's (W_psi's tokens, G_theta's);
+        # on latents the encoder's own grid (16 px), which check_targets compares with the model's tokens.
+        cell = int(objective.model.patch_size) if pixels else 16
         return {"encoder": str(w.encoder), "weights": w.weights, "random_init": bool(w.random_init), "pca": str(w.pca),
-                "cell": int(objective.model.patch_size), "depth": w.depth}
+                "cell": cell, "depth": w.depth}
     if not objective.repa:
         return None
     r = cfg.train.repa
@@ -160,7 +162,10 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     with torch.device("meta"):
         objective = Objective(build_generator(cfg.model), cfg)
     sfd.check_groups(objective.model, info.channel_groups)
-    features = repa_features(objective, cfg)
+    if latent_cfg.pixels is not None and cfg.flow.noise_scale != cfg.model.input_size / 256:
+        log.warning("flow.noise_scale=%s on %d px images; JiT's rule is image size / 256 = %g", cfg.flow.noise_scale,
+                    cfg.model.input_size, cfg.model.input_size / 256)
+    features = repa_features(objective, cfg, pixels=latent_cfg.pixels is not None)
     if features is not None:
         try:
             info = latent_info(latent_cfg, features=features)
@@ -172,6 +177,8 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"), upgrade=upgrade_run_config)
     world, rank = acc.num_processes, acc.process_index
+    if cfg.train.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps={cfg.train.warmup_steps}: give a number of steps >= 0 (0 = no warmup)")
     if cfg.train.global_batch % world:
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
 
@@ -179,11 +186,10 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     model_cfg = OmegaConf.merge(cfg.model, {"options": {"use_checkpoint": cfg.train.grad_checkpointing}})
     model = build_generator(model_cfg)
     if hasattr(model, "prepare_training") and run.latest_checkpoint() is None:
-        model.prepare_training()  # frozen parts trained elsewhere (WiT's W_psi); a resumed run has them in its checkpoint
+        model.prepare_training(cfg.flow)  # frozen parts trained elsewhere (WiT's W_psi); a resumed run has them already
     loader = build_latent_loader(latent_cfg, cfg.train.global_batch, cfg.run.seed, rank, world, device=acc.device,
                                  info=info, features=features)
-    ema = EMA(model, cfg.train.ema_decay)
-    ema.model.to(acc.device)
+    ema = EMA(model, cfg.train.ema_decay).to(acc.device)
     opt = build_optimizer(model, cfg.train)
     base_lrs = [group["lr"] for group in opt.param_groups]
     model, opt = acc.prepare(model, opt)
@@ -209,6 +215,9 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
         eps, t, drop = step_randomness(cfg.run.seed, step, cfg.train.global_batch, rank, world, shape, cfg.flow,
                                        drop_prob, acc.device)
+        if loader.kept is not None and not bool(loader.kept.all()):  # an image of this step could not be decoded
+            kept = loader.kept.to(acc.device)
+            eps, t, drop = eps[kept], t[kept], drop[kept]
         x_t, t, target = objective.path(x, eps, t)
         losses = objective(forward, x_t, t, y, drop, target, features[0] if features else None, step, acc.autocast)
         acc.backward(losses["loss"])

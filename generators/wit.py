@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from core.checkpoint import check_keys, load_safetensors
 from core.errors import MismatchError, UnknownNameError, UserError
 from core.log import get_logger
-from core.positions import sincos_pos_embed_2d
+from core.runtime import finished_checkpoint
 from generators.jit import (
     PRESETS as JIT_PRESETS,
     BottleneckPatchEmbed,
@@ -44,6 +44,7 @@ from generators.jit import (
     JiTLabelEmbedder,
     JiTRoPE,
     JiTSwiGLU,
+    init_stem,
 )
 from generators.layers import RMSNorm, TimestepEmbedder, adaln_modulation, modulate, run_block
 from generators.registry import Needs, build_generator, register, run_config
@@ -160,17 +161,7 @@ class WaypointGenerator(nn.Module):
         """JiT's init (Xavier Linears and patch convs, sin-cos table, N(0, 0.02) labels and t-MLP); the shared
         modulation, the tables and the output linear start at zero (adaLN-Zero: every block starts as the identity
         and s0_hat as 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, self.input_size // self.patch_size).float()[None])
-        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
-            nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj2.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_stem(self)
         for layer in (self.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -217,6 +208,9 @@ class WiT(JiT):
         self.final_condition, self.waypoint_label = final_condition, waypoint_label
         self.waypoints_from = None if waypoints_from is None else str(waypoints_from)
         self.waypoints = self._waypoint_generator(waypoint_options)
+        if waypoint_label == "null" and self.waypoints.y_embedder.dropout_prob == 0:
+            raise UserError("waypoint_label=null feeds W_psi its null class, which a W_psi trained without label dropout "
+                            "(label_drop_prob 0) never learned: use waypoint_label=class, or a stage A with label dropout")
         self.waypoints.requires_grad_(False).eval()
         self.waypoint_proj = nn.Linear(self.waypoints.waypoint_dim, self.hidden_size)
         # Zero: c_s = e(t, y) at the start, so a fresh WiT is JiT (and JiT's init of everything else is kept).
@@ -251,15 +245,20 @@ class WiT(JiT):
         self.waypoints.eval()  # frozen: W_psi's label dropout must never act here
         return self
 
-    def prepare_training(self) -> None:
+    def prepare_training(self, flow: Any | None = None) -> None:
         """Load stage A's EMA weights into W_psi, strictly (the training loop calls this once on a fresh run, before
         its EMA copy; a resumed run has them in its own checkpoint). The run's latest finished checkpoint, or the
-        given step folder, checked against its manifest (generators.sample.finished_checkpoint)."""
-        from generators.sample import finished_checkpoint  # heavy (sampling, latents); only training needs it
-
+        given step folder, checked against its manifest (core.runtime.finished_checkpoint). `flow`: this run's flow
+        settings, which must noise the images as stage A's did (W_psi knows only those x_t)."""
         if self.waypoints_from is None:
             raise UserError("WiT has no stage A to load (waypoints_from is null): train a wit_waypoints run first and "
                             "set model.options.waypoints_from to its run folder")
+        if flow is not None:
+            stage_a = run_config(stage_a_run(self.waypoints_from) / "config.yaml").flow
+            # Only the noise scale changes what an x_t at time t looks like; the time sampler may differ.
+            if stage_a.get("noise_scale", 1.0) != flow.get("noise_scale", 1.0):
+                raise MismatchError(f"flow.noise_scale={flow.get('noise_scale', 1.0)}, but stage A ({self.waypoints_from}) "
+                                    f"trained W_psi with {stage_a.get('noise_scale', 1.0)}: it knows only those noisy images")
         ckpt = finished_checkpoint(Path(self.waypoints_from))
         state = load_safetensors(ckpt / "ema.safetensors")
         check_keys(self.waypoints.state_dict(), state, f"stage A EMA weights {ckpt / 'ema.safetensors'}")
@@ -280,34 +279,12 @@ class WiT(JiT):
                 return self.waypoints(x_t[:half], t[:half], y[:half]).repeat(2, 1, 1)
             return self.waypoints(x_t, t, y)  # the label before any dropping; rows without a class stay null
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None,
-             want_ig: bool, want_repa: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """JiT's pass (in-context tokens, IG head and REPA projector at the same places) with the per-token
-        condition c_s on the image tokens and e(t, y) on the in-context ones."""
-        if force_drop_ids is None and self.training and self.y_embedder.dropout_prob > 0:
-            # Drawn here, not inside the label embedder, so that W_psi (in eval mode) sees the same drops.
-            force_drop_ids = torch.rand(len(y), device=y.device) < self.y_embedder.dropout_prob
-        s0_hat = self.waypoint_map(x, t, y, force_drop_ids)
-        y_emb = self.y_embedder(y, force_drop_ids)
-        c = self.t_embedder(t) + y_emb  # e(t, y) [B, D]
-        c_s = c.unsqueeze(1) + self.waypoint_proj(s0_hat.to(c.dtype))  # [B, N, D]
-        cond = c_s
-        h = self.x_embedder(x) + self.pos_embed
-        n_ctx, x_mid, repa = 0, None, None
-        final_c = c_s if self.final_condition == "tokens" else c
-        for i, block in enumerate(self.blocks):
-            if self.uses_in_context and i == self.in_context_start:
-                tokens = y_emb.unsqueeze(1).expand(-1, self.in_context_len, -1) + self.in_context_posemb
-                h = torch.cat([tokens.to(h.dtype), h], dim=1)
-                cond = torch.cat([c.unsqueeze(1).expand(-1, self.in_context_len, -1), c_s], dim=1)
-                n_ctx = self.in_context_len
-            rope = self.feat_rope_incontext if n_ctx else self.feat_rope
-            h = self._block(block, h, cond, rope)
-            if want_ig and i + 1 == self.ig_depth:
-                x_mid = self.unpatchify(self.ig_final_layer(h[:, n_ctx:], final_c))
-            if want_repa and i + 1 == self.repa_depth:
-                repa = self.repa_projector(h[:, n_ctx:])
-        return self.unpatchify(self.final_layer(h[:, n_ctx:], final_c)), x_mid, repa
+    def _conditions(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None,
+                    c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """JiT's pass with Just-Pixel AdaLN: the image tokens' condition is c_s = e(t, y) + Proj(s0_hat) [B, N, D] (the
+        in-context tokens keep e(t, y), JiT._run), the final layer's c_s or e(t, y) as ``final_condition`` says."""
+        c_s = c.unsqueeze(1) + self.waypoint_proj(self.waypoint_map(x, t, y, force_drop_ids).to(c.dtype))
+        return c_s, c_s if self.final_condition == "tokens" else c
 
     def _block(self, block: nn.Module, h: torch.Tensor, cond: torch.Tensor, rope: nn.Module) -> torch.Tensor:
         """Just-Pixel AdaLN: the block's own adaLN linear on every token's condition [B, T, D]."""
@@ -346,7 +323,7 @@ def build_waypoints(name: str, **overrides: Any) -> WaypointGenerator:
                                                                  "bottleneck_dim": 8, "waypoint_dim": 4}}},
           repa=lambda depth, encoder: {"repa_depth": depth, "repa_encoder": encoder},
           ig=lambda depth: {"ig_depth": depth},
-          needs=Needs("waypoints_from", "a stage A run (wit_waypoints) on the same source"))
+          needs=Needs("model.options.waypoints_from", "a stage A run (wit_waypoints) on the same source"))
 def build_wit(name: str, **overrides: Any) -> WiT:
     """A WiT size (``"B/16"``, ``"L/16"``, ``"XL/16"``); ``overrides`` are constructor keywords (JiT's and WiT's)."""
     key = name.removeprefix("WiT-")

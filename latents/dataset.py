@@ -311,6 +311,8 @@ def store_feature_shape(stores: list[LatentStore] | tuple[LatentStore, ...], req
         if any(s.features[k] != first[k] for k in keys):
             raise MismatchError(f"latent stores {stores[0].url} and {s.url} hold REPA features of different encoders: "
                                 f"{ {k: first[k] for k in keys} } and { {k: s.features[k] for k in keys} }")
+    if (pca := request.waypoints()) is not None:  # the stored tokens must be of the encoder the PCA was fitted on
+        check_fitted_on(pca, request.pca, first)
     return request.shape(int(first["tokens"]), int(first["dim"]))
 
 
@@ -391,13 +393,16 @@ class BatchLoader:
     and REPA target features float32 [b, tokens, dim] third when they were requested (`feature_shape` is then
     (tokens, dim), else None).
 
-    `batch_size` is the global batch; each of the `world_size` ranks gets `batch_size // world_size` of it.
+    `batch_size` is the global batch; each of the `world_size` ranks gets `batch_size // world_size` of it. A loader
+    that reads images may leave out one that cannot be decoded: `kept` (bool [b], or None for all) then says which
+    of the last batch's positions it holds, so that a trainer keeps those positions' noise and times.
     `batch(step)` is a pure function of (seed, step): a subclass turns the rows and views that
     `self.schedule(step)` picks into latents. Iterating yields the batches of steps `step`,
     `step + 1`, ...; `state_dict()` holds the next step.
     """
 
     feature_shape: tuple[int, int] | None = None
+    kept: torch.Tensor | None = None
 
     def __init__(self, num_rows: int, normalizer: Normalizer, batch_size: int, seed: int, rank: int, world_size: int,
                  start_step: int, config: DictConfig | None, flips: bool | None = None) -> None:

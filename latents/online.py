@@ -23,29 +23,21 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from core.config import named_config, to_dict
 from core.errors import MismatchError
 from core.images import to_float
 from core.log import get_logger
 from latents.dataset import BatchLoader, FeatureRequest, FeatureTargets
 from latents.decode import cached_tokenizer
 from latents.normalize import Normalizer
-from latents.step_images import DecodedRows, Prefetch, StepImages, cached_source
+from latents.step_images import DecodedRows, Prefetch, StepImages, cached_source, resolve_data
 from latents.store import LatentStore
 
 log = get_logger("latents.online")
 
 
-def data_config(cfg: DictConfig) -> dict[str, Any]:
-    """`online.data`: a data config name (configs/data), a YAML path, or the config itself."""
-    data = cfg.online.data
-    node = named_config("data", data) if isinstance(data, str) else data
-    return to_dict(node)
-
-
 def open_source(cfg: DictConfig) -> tuple[Any, int]:
     """The data source of an online config and its image size."""
-    data = data_config(cfg)
+    data = resolve_data(cfg.online.data)
     return cached_source(data), int(data["image_size"])
 
 
@@ -80,7 +72,7 @@ class OnlineLoader(BatchLoader):
 
     @torch.no_grad()
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        images, labels = self._prefetch(step)
+        images, labels, self.kept = self._prefetch(step)
         images = to_float(images.to(self.device, non_blocking=True))
         out = (self.normalizer.normalize(self.tokenizer.encode(images).float()), labels.to(self.device))
         return out if self.targets is None else (*out, self.targets(images))

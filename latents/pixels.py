@@ -17,35 +17,25 @@ REPA / waypoint targets (a `FeatureRequest`): the frozen encoder, and the reques
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from core.config import named_config, to_dict
 from core.errors import MismatchError
 from core.images import to_float
 from core.log import get_logger
 from latents.dataset import BatchLoader, FeatureRequest, FeatureTargets
 from latents.image_store import ImageStore
 from latents.normalize import Normalizer
-from latents.step_images import DecodedRows, Prefetch, RowReader, StepImages, cached_source
+from latents.step_images import DecodedRows, Prefetch, RowReader, StepImages, cached_source, resolve_data
 
 log = get_logger("latents.pixels")
-
-
-def data_config(cfg: DictConfig) -> dict[str, Any] | None:
-    """`pixels.data`: a data config name (configs/data), a YAML path, or the config itself; None when not given."""
-    data = cfg.pixels.data
-    if not data:
-        return None
-    return to_dict(named_config("data", data) if isinstance(data, str) else data)
 
 
 def open_rows(cfg: DictConfig) -> tuple[RowReader, int, int, int]:
     """The row reader of a pixel config, with its (positions, classes, image size): the image store when the
     config names one (checked to hold the config's data, when it names that too), else the decoded data source."""
-    data = data_config(cfg)
+    data = resolve_data(cfg.pixels.data)
     if cfg.pixels.store:
         store = ImageStore(cfg.pixels.store)
         if data is not None and store.attrs["data"]["config"] != data:
@@ -89,7 +79,7 @@ class PixelLoader(BatchLoader):
 
     @torch.no_grad()
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        images, labels = self._prefetch(step)
+        images, labels, self.kept = self._prefetch(step)
         self.skipped += self.schedule.local_batch_size - len(labels)
         x = to_float(images.to(self.device, non_blocking=True))
         out = (x, labels.to(self.device))

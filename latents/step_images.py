@@ -20,10 +20,19 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from core.config import named_config, to_dict
 from core.images import Skipping, build_source
 from core.log import get_logger
 
 log = get_logger("latents.step_images")
+
+
+def resolve_data(data: Any) -> dict[str, Any] | None:
+    """A latent config's `online.data` or `pixels.data`: a data config name (configs/data), a YAML path or the config
+    itself, as a plain dict; None when not given."""
+    if not data:
+        return None
+    return to_dict(named_config("data", data) if isinstance(data, str) else data)
 
 
 def cached_source(data: dict[str, Any]) -> Any:
@@ -62,19 +71,20 @@ class DecodedRows:
 
 
 class StepImages(torch.utils.data.Dataset):
-    """Item k: (uint8 images [b, 3, H, W], labels int64 [b]) of one rank's part of step k, mirrored where drawn."""
+    """Item k: (uint8 images [n, 3, H, W], labels int64 [n], kept bool [b]) of one rank's part of step k, mirrored
+    where drawn; `kept` says which of its b positions could be read (n of them)."""
 
     def __init__(self, read: RowReader, schedule: Any) -> None:
         self.read, self.schedule = read, schedule
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, flips = self.schedule(step)
         images, labels, kept = self.read(rows)
         if not len(labels):
             raise ValueError(f"no image of step {step} could be read")
         mirror = torch.from_numpy(flips[kept].astype(bool))
         images[mirror] = images[mirror].flip(-1)
-        return images, labels
+        return images, labels, torch.from_numpy(kept)
 
 
 class Prefetch:

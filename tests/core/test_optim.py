@@ -180,3 +180,13 @@ def test_muon_lowers_a_regression_loss():
 def test_unknown_optimizer_names_the_choices():
     with pytest.raises(UserError, match="'sgd'.*adamw, muon"):
         build_optimizer(torch.nn.Linear(2, 2), train_cfg("sgd"))
+
+
+def test_an_lr_set_after_loading_reaches_both_optimizers():
+    """A schedule sets the lr on param_groups (generators.train's warmup): after load_state_dict (a resume) those
+    must still be the groups Muon and AdamW step with."""
+    opt = build_optimizer(tiny_dit(), train_cfg("muon", lr=1e-3))
+    opt.load_state_dict(build_optimizer(tiny_dit(), train_cfg("muon", lr=1e-3)).state_dict())
+    for group in opt.param_groups:
+        group["lr"] = 0.5
+    assert all(g["lr"] == 0.5 for g in [*opt.muon.param_groups, *opt.adamw.param_groups])

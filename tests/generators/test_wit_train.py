@@ -13,7 +13,6 @@ from core.errors import UserError
 from core.log import read_jsonl
 from generators import sample as gsample
 from generators import train as gtrain
-from generators.wit import WiT
 from latents.waypoints import PCA
 from latents.waypoints import main as pca_main
 
@@ -171,3 +170,16 @@ def test_wit_trains_on_latents_whose_store_holds_the_encoder_features(tmp_path):
     b = gtrain.train(*gtrain.parse(["--latent", str(tmp_path / "lat.yaml"), "generator=wit_b16", f"run.dir={tmp_path / 'b'}",
                                     f"model.options={{{tiny}, in_context_len: 0, waypoints_from: {a}}}", *common]))
     assert all(np.isfinite(r["loss"]) for run in (a, b) for r in read_jsonl(run / "metrics.jsonl"))
+
+
+def test_a_step_with_an_undecodable_image_trains_on_the_others(tmp_path, imagenet_sample, bad_images):
+    """The pixel loader leaves a bad file out of its step (counted, logged); the step's noise and times are then
+    those of the positions it kept, so the batch trains one sample smaller instead of stopping."""
+    for wnid in sorted(p.name for p in imagenet_sample.iterdir() if p.is_dir())[:3]:
+        shutil.copytree(imagenet_sample / wnid, tmp_path / "images" / wnid)
+    shutil.copytree(bad_images / "n00000001", tmp_path / "images" / "n99999999")
+    (tmp_path / "data.yaml").write_text(f"kind: imagefolder\nroot: {tmp_path / 'images'}\nimage_size: {SIZE}\n")
+    run = train(tmp_path / "data.yaml", tmp_path / "r", "jit_b16", "train.steps=3", f"model.options={TINY_JIT}",
+                "model.num_classes=10", "train.global_batch=8")
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in read_jsonl(run / "metrics.jsonl"))

@@ -226,7 +226,7 @@ def test_online_features_are_the_encoder_on_the_steps_own_images(images, vavae_f
     flipped = 0
     for step in (0, 1):
         x, y, f = loader.batch(step)
-        step_images, labels = loader.images[step]  # this step's images (uint8), mirrored where its schedule says
+        step_images, labels, _ = loader.images[step]  # this step's images (uint8), mirrored where its schedule says
         step_images = to_float(step_images)
         with torch.no_grad():
             expected = encoder(step_images)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from core.data import load_data_config
 from core.errors import MismatchError
 from core.images import ImageFolderSource, SyntheticSource, to_tensor
 from fault_injection import Case, kill_and_rerun
