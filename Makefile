@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test matrix demo demo-vavae demo-sfd demo-fae demo-rae clean
+.PHONY: install test matrix demo demo-vavae demo-sfd demo-fae demo-rae demo-wit clean
 
 install: .venv/.installed
 
@@ -80,6 +80,23 @@ demo-fae: install
 		--samples euler_maruyama=$(DEMO)/fae_em.npz --samples three_part_cfg=$(DEMO)/fae_cfg.npz \
 		--out $(DEMO)/fae_report.html
 	@echo "report: $(DEMO)/fae_report.html"
+
+# JiT and WiT on the synthetic 64 px images themselves, no tokenizer (configs/preset/demo.yaml): WiT's waypoint PCA
+# of a random DINOv3-S cut to one block (written once), a tiny JiT, WiT's W_psi (stage A) and a tiny WiT on it
+# (stage B), 300 CFG samples of each by 20 Heun intervals, and a report with their class accuracy.
+demo-wit: install
+	[ -f $(DEMO)/wit_pca.safetensors ] || $(PY) -m latents.waypoints --data synthetic --encoder dinov3_s --random-init \
+		--depth 1 --num 500 --out $(DEMO)/wit_pca.safetensors
+	$(PY) -m generators.train --pixels synthetic generator=jit_b16 preset=demo
+	$(PY) -m generators.train --pixels synthetic generator=wit_waypoints preset=demo
+	$(PY) -m generators.train --pixels synthetic generator=wit_b16 preset=demo
+	$(PY) -m generators.sample --run $(DEMO)/jit --num 300 --out $(DEMO)/jit_samples.npz
+	$(PY) -m generators.sample --run $(DEMO)/wit --num 300 --out $(DEMO)/wit_samples.npz
+	$(PY) -m eval.demo_report --title "latentkit JiT / WiT demo" --pipeline "tiny JiT, and tiny WiT on its W_psi \
+		(no tokenizer: pixels)" --generator-run $(DEMO)/jit --generator-run $(DEMO)/wit_waypoints \
+		--generator-run $(DEMO)/wit --samples jit=$(DEMO)/jit_samples.npz --samples wit=$(DEMO)/wit_samples.npz \
+		--out $(DEMO)/wit_report.html
+	@echo "report: $(DEMO)/wit_report.html"
 
 # RAE demos (configs/preset/demo.yaml): for each frozen encoder (random weights of the real ViT-B), a tiny
 # decoder, a store of 500 synthetic images, a tiny DiT^DH and 100 samples. `make demo-rae-siglip2_b` runs one.

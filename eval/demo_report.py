@@ -123,7 +123,8 @@ def named_path(text: str) -> tuple[str, Path]:
 
 def main(argv: list[str]) -> None:
     p = cli.ArgumentParser(prog="python -m eval.demo_report", description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer-run", type=Path, required=True, help="the run of the tokenizer that decodes to pixels")
+    p.add_argument("--tokenizer-run", type=Path,
+                   help="the run of the tokenizer that decodes to pixels (none for generators on pixels: JiT, WiT)")
     p.add_argument("--generator-run", type=Path, required=True, action="append",
                    help="a generator run whose loss curve is shown (repeat for several)")
     p.add_argument("--samples", type=named_path, required=True, action="append", metavar="NAME=PATH",
@@ -138,7 +139,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    for path in [args.tokenizer_run, *args.generator_run, *(path for _, path in [*args.samples, *args.stage_run])]:
+    tokenizer = [args.tokenizer_run] if args.tokenizer_run else []
+    for path in [*tokenizer, *args.generator_run, *(path for _, path in [*args.samples, *args.stage_run])]:
         if not path.exists():
             raise FileNotFoundError(f"eval.demo_report: {path} does not exist")
 
@@ -147,8 +149,12 @@ def main(argv: list[str]) -> None:
     clf = train_classifier(SyntheticSource(2000, args.image_size, args.num_classes, seed=1000))
     held_out_images = torch.stack([held_out[i][0] for i in range(len(held_out))])
     clf_acc = accuracy(clf, held_out_images, held_out.labels)
-    rec_psnr, rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out_images)
-    metrics = {"recon_psnr_db": rec_psnr, "classifier_accuracy_on_real": clf_acc, "chance": 1 / args.num_classes}
+    metrics = {"classifier_accuracy_on_real": clf_acc, "chance": 1 / args.num_classes}
+    recon = ""
+    if args.tokenizer_run:
+        metrics["recon_psnr_db"], rec_grid = reconstruction(args.tokenizer_run / "tokenizer", held_out_images)
+        recon = ("<h2>Reconstruction (held-out images above, reconstructions below)</h2>"
+                 f'<img src="{png_data_uri(rec_grid)}" width="{8 * 96}">')
     for name, path in args.stage_run:
         metrics.update(stage_evaluation(name, read_jsonl(path / "metrics.jsonl")))
     grids = {}
@@ -161,9 +167,12 @@ def main(argv: list[str]) -> None:
     metrics_path.write_text(json.dumps(metrics, indent=2))
     log.info("demo metrics: %s", json.dumps(metrics))
 
-    tok_log = read_jsonl(args.tokenizer_run / "metrics.jsonl")
-    tok_key = next((k for k in ("rec_loss", "l1", "nll", "loss") if any(k in r for r in tok_log)), "loss")
-    curves = " ".join(svg_curve(read_jsonl(run / "metrics.jsonl"), "loss", f"generator loss ({run.name})")
+    curves = ""
+    if args.tokenizer_run:
+        tok_log = read_jsonl(args.tokenizer_run / "metrics.jsonl")
+        tok_key = next((k for k in ("rec_loss", "l1", "nll", "loss") if any(k in r for r in tok_log)), "loss")
+        curves = svg_curve(tok_log, tok_key, f"tokenizer {tok_key}") + " "
+    curves += " ".join(svg_curve(read_jsonl(run / "metrics.jsonl"), "loss", f"generator loss ({run.name})")
                       for run in args.generator_run)
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(args.title)}</title>
@@ -175,12 +184,11 @@ that the pipeline learns, nothing more.</p>
 <h2>Numbers</h2><table>{rows}</table>
 <p>Class accuracy: the fraction of generated samples of class c that a small CNN, trained on separate synthetic images,
 assigns to class c (chance = {1 / args.num_classes:.2f}).</p>
-<h2>Reconstruction (held-out images above, reconstructions below)</h2>
-<img src="{png_data_uri(rec_grid)}" width="{8 * 96}">
+{recon}
 <h2>Samples, one row per class</h2>
 {"".join(f'<h3>{html.escape(n)}</h3><img src="{png_data_uri(g)}" width="{8 * 72}">' for n, g in grids.items())}
 <h2>Loss curves</h2>
-{svg_curve(tok_log, tok_key, f"tokenizer {tok_key}")} {curves}
+{curves}
 </body></html>"""
     args.out.write_text(page)
     log.info("report: %s", args.out)
