@@ -107,11 +107,16 @@ class Attention(nn.Module):
         self.k_norm = qk(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
-        B, N, C = x.shape
+    def heads(self, x: torch.Tensor, rope: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, N, head_dim] of tokens x [B, N, D]: q and k normed, then rotated by `rope`."""
+        B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        x = F.scaled_dot_product_attention(q, k, v)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        x = F.scaled_dot_product_attention(*self.heads(x, rope))
         return self.proj(x.transpose(1, 2).reshape(B, N, C))

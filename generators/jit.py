@@ -120,10 +120,7 @@ class JiTAttention(Attention):
 
     def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
+        q, k, v = self.heads(x, rope)
         off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
         with off:
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import zarr
 
-from core.errors import UserError
 from latents import store as zs
 
 FORMAT = "latentkit.image_store"
@@ -61,20 +60,14 @@ def create_image_store(url: str, attrs: dict[str, Any], layout: zs.Layout, image
     return g
 
 
-class ImageStore:
+class ImageStore(zs.FinishedStore):
     """A finished image store, opened from a local path or any fsspec URL; `read(rows)` serves the pixel loader."""
 
+    format, version, what, command = FORMAT, VERSION, "image store", "python -m latents.extract --pixels ..."
+
     def __init__(self, url: str | Path) -> None:
-        self.url = str(url)
-        self.group = group = zs.open_group(self.url)
-        zs.check_format(group, self.url, FORMAT, VERSION, "image store")
-        self.attrs: dict[str, Any] = dict(group.attrs)
-        if not self.attrs.get("complete"):
-            done = len(zs.finished_shards(group)) if self.attrs.get("ready") else 0
-            shards = image_layout(self.num_rows, self.attrs["extraction"]["shard_rows"]).num_shards
-            raise UserError(f"image store {self.url} is incomplete ({done} of {shards} shards finished); finish it by "
-                            f"running the extraction again with the same arguments: "
-                            f"{self.attrs.get('command', 'python -m latents.extract --pixels ...')}")
+        super().__init__(url)
+        group = self.group
         # Per-row metadata in RAM (13 bytes a row: 17 MB for ImageNet); the images stay in the store.
         self.labels = group["labels"][:].astype(np.int64)
         self.valid = group["valid"][:]
@@ -83,16 +76,8 @@ class ImageStore:
         self._images, self._pid = group["images"], os.getpid()
 
     @property
-    def num_rows(self) -> int:
-        return int(self.attrs["num_rows"])
-
-    @property
-    def num_valid(self) -> int:
-        return int(self.attrs["num_valid"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.attrs["num_classes"])
+    def layout(self) -> zs.Layout:
+        return image_layout(self.num_rows, self.attrs["extraction"]["shard_rows"])
 
     @property
     def image_size(self) -> int:

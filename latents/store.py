@@ -374,21 +374,22 @@ def check_format(group: zarr.Group, url: str, expected: str = FORMAT, version: i
         raise UserError(f"{url} is a {what} of format version {found}; this code reads version {version}")
 
 
-class LatentStore:
-    """A finished latent store, opened from a local path or any fsspec URL."""
+class FinishedStore:
+    """What latent and image stores share: opened from a local path or any fsspec URL, checked to be of the class's
+    format and complete (else the command that finishes it); its attributes and row counts."""
+
+    format, version, what, command = FORMAT, VERSION, "latent store", "python -m latents.extract ..."
 
     def __init__(self, url: str | Path) -> None:
         self.url = str(url)
         self.group = open_group(self.url)
-        check_format(self.group, self.url)
+        check_format(self.group, self.url, self.format, self.version, self.what)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         if not self.attrs.get("complete"):
-            layout = self.layout
             done = len(finished_shards(self.group)) if self.attrs.get("ready") else 0
             raise UserError(
-                f"latent store {self.url} is incomplete ({done} of {layout.num_shards} shards finished); finish it by "
-                f"running the extraction again with the same arguments: {self.attrs.get('command', 'python -m latents.extract ...')}"
-            )
+                f"{self.what} {self.url} is incomplete ({done} of {self.layout.num_shards} shards finished); finish it "
+                f"by running the extraction again with the same arguments: {self.attrs.get('command', self.command)}")
 
     @property
     def layout(self) -> Layout:
@@ -404,12 +405,16 @@ class LatentStore:
         return int(self.attrs["num_valid"])
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.attrs["latent_shape"])
-
-    @property
     def num_classes(self) -> int:
         return int(self.attrs["num_classes"])
+
+
+class LatentStore(FinishedStore):
+    """A finished latent store, opened from a local path or any fsspec URL."""
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.attrs["latent_shape"])
 
     @property
     def tokenizer(self) -> dict[str, Any]:
