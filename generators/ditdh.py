@@ -27,6 +27,9 @@ t_rae = 1 - t to the network and returns minus its output. Flow, training, sampl
 code then treat DiT^DH like any other Denoiser, and the weights we train are interchangeable with
 the official ones (the official code runs our checkpoints as they are, and we run its releases).
 The dimension-dependent time shift is converted separately (``flow.dimension_shift``).
+
+RAEv2's generator (``DiTwDDTHeadIG``, in-context conditioning, x-prediction) is another architecture with the same
+REPA and IG keywords: generators/ditdh_ig.py, size ``IG-XL`` of this family.
 """
 from __future__ import annotations
 
@@ -268,12 +271,18 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
     ig=lambda depth: {"base_model_depth": depth},
     releases=(Release("DiTDH-XL", "rae", "dinov2_b"), Release("DiTDH-S_ep14", "rae", "dinov2_b")),
 )
-def build_ditdh(name: str, **overrides) -> DiTwDDTHead:
-    """A preset (``"DiTDH-XL"`` or ``"XL"``; S, B, L, XL) with the released options.
+def build_ditdh(name: str, **overrides) -> nn.Module:
+    """A preset (``"DiTDH-XL"`` or ``"XL"``; S, B, L, XL) with the released options, or RAEv2's ``"IG-XL"``
+    (generators/ditdh_ig.py: ``DiTwDDTHeadIG``, in-context conditioning and an IG head, with its release's options).
 
     ``overrides`` are constructor keywords, e.g. ``input_size=32`` for 512 px or ``in_channels``.
     """
+    from generators import ditdh_ig  # RAEv2's sizes; a module of its own that builds on this one
+
     key = name if name.startswith("DiTDH-") else f"DiTDH-{name}"
+    if key in ditdh_ig.PRESETS:
+        return ditdh_ig.DiTwDDTHeadIG(**{**ditdh_ig.RELEASED_OPTIONS, **ditdh_ig.PRESETS[key], **overrides})
     if key not in PRESETS:
-        raise UnknownNameError(f"unknown DiT^DH size {name!r}; choose from {sorted(PRESETS)}")
+        raise UnknownNameError(f"unknown DiT^DH size {name!r}; choose from "
+                               f"{sorted(PRESETS) + sorted(ditdh_ig.PRESETS)}")
     return DiTwDDTHead(**{**RELEASED_OPTIONS, **PRESETS[key], **overrides})
