@@ -53,7 +53,8 @@ ENCODERS: dict[str, EncoderSpec] = {
         "vit_base_patch16_siglip_256.v2_webli", 256, 16, 0, 768, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), {"act_layer": "gelu_tanh"}
     ),
     "mae_b": EncoderSpec("vit_base_patch16_224.mae", 224, 16, 1, 768, IMAGENET_MEAN, IMAGENET_STD),
-    # DINOv3 (class + 4 register tokens): WiT's waypoint encoder, whose size the paper does not give (dinov3_b is ours).
+    # DINOv3 (class + 4 register tokens): WiT's waypoint encoder, whose size the paper does not give (dinov3_b is ours);
+    # dinov3_l is RAEv2's encoder (tokenizers.rae LAYER_SETS). DINOv3 weights are under the DINOv3 License.
     "dinov3_s": EncoderSpec("vit_small_patch16_dinov3.lvd1689m", 256, 16, 5, 384, IMAGENET_MEAN, IMAGENET_STD),
     "dinov3_b": EncoderSpec("vit_base_patch16_dinov3.lvd1689m", 256, 16, 5, 768, IMAGENET_MEAN, IMAGENET_STD),
     "dinov3_l": EncoderSpec("vit_large_patch16_dinov3.lvd1689m", 256, 16, 5, 1024, IMAGENET_MEAN, IMAGENET_STD),
@@ -97,6 +98,8 @@ class FrozenEncoder(torch.nn.Module):
         self.resize_mode = resize_mode
         self.weights_file, self.random_init = weights_file, random_init  # provenance (`provenance()`)
         self.depth = depth  # None: every block
+        # None: the final-norm tokens; else RAEv2's multi-layer latent (`layer_mean`) of these 0-based blocks
+        self.layers: tuple[int, ...] | None = None
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -125,15 +128,31 @@ class FrozenEncoder(torch.nn.Module):
         return ((images + 1) / 2 - self.mean) / self.std if self.normalize else images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.layers is not None:
+            return self.layer_mean(self.pixels(images))
         tokens = self.model.forward_features(self.pixels(images))
         return tokens[:, self.prefix_tokens :]
+
+    def layer_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """RAEv2's multi-layer latent (its DINOv3 "mls" encoder): the blocks `layers` each pass their output
+        through the final norm, class and register tokens are dropped, the K results are AVERAGED (not summed),
+        and the token mean of the last selected block's tokens is added to every token."""
+        n = self.prefix_tokens
+        outs = self.model.forward_intermediates(pixels, indices=list(self.layers), norm=True, output_fmt="NLC",
+                                                intermediates_only=True, stop_early=True)
+        if len(outs) != len(self.layers) or outs[0].shape[1] != self.grid**2:
+            raise RuntimeError(f"encoder {self.name}: blocks {self.layers} gave {len(outs)} outputs of "
+                               f"{outs[0].shape[1]} tokens; expected {len(self.layers)} of {self.grid ** 2} "
+                               f"({n} prefix tokens dropped)")
+        patch = torch.stack(outs).mean(dim=0)
+        return patch + outs[-1].mean(dim=1, keepdim=True)
 
     def provenance(self) -> dict[str, Any]:
         """What the features depend on, for a latent store's attributes (reads the weights file for its sha256)."""
         return {
             "encoder": self.name, "timm_name": self.timm_name, "input_size": self.input_size, "image_size": self.image_size,
             "grid": self.grid, "tokens": self.grid**2, "dim": self.feature_dim, "random_init": self.random_init,
-            "depth": self.depth,
+            "depth": self.depth, **({} if self.layers is None else {"layers": list(self.layers)}),
             "weights_file": None if self.weights_file is None else str(self.weights_file),
             "weights_sha256": None if self.weights_file is None else sha256_file(self.weights_file),
         }

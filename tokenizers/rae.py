@@ -11,6 +11,11 @@ decoders load strictly (reference/rae_ditdh.md §1).
 Latent normalisation is not done here (DESIGN §3): the released per-element statistics load with
 ``load_official_stats``. The decoder-training noise augmentation is ``noise_augment``; ``encode``
 is always deterministic.
+
+RAEv2 (nanovisionx/RAEv2, reference/raev2.md §1-2) is the same tokenizer with a DINOv3 ViT-L/16 at 256 px
+(``encoder=dinov3_l_k7`` in configs): ``layers`` picks its layer set (``LAYER_SETS``: k1 is the final block
+alone; k7 and k23 average several blocks' final-norm outputs and add the last one's token mean,
+``FrozenEncoder.layer_mean``) and its decoder predicts [0, 1] pixels (``pixels="unit"``).
 """
 from __future__ import annotations
 
@@ -29,8 +34,19 @@ from core.positions import sincos_pos_embed_2d
 from tokenizers.base import Tokenizer, register
 from tokenizers.encoders import ENCODERS, FrozenEncoder, build_encoder
 
-# RAE's encoders by their names in configs (`encoder=dinov2_b`) -> tokenizers.encoders names.
-RAE_ENCODERS = {"dinov2_b": "dinov2_b_reg", "siglip2_b": "siglip2_b", "mae_b": "mae_b"}
+# RAE's encoders by their names in configs (`encoder=dinov2_b`) -> the RAE constructor's encoder keywords
+# (`encoder`: a tokenizers.encoders name). The dinov3_l_* ones are RAEv2's (their decoders predict [0, 1] pixels).
+RAE_ENCODERS: dict[str, dict[str, str]] = {
+    "dinov2_b": dict(encoder="dinov2_b_reg"), "siglip2_b": dict(encoder="siglip2_b"), "mae_b": dict(encoder="mae_b"),
+    "dinov3_l_k1": dict(encoder="dinov3_l", layers="k1"),
+    "dinov3_l_k7": dict(encoder="dinov3_l", layers="k7"),
+    "dinov3_l_k23": dict(encoder="dinov3_l", layers="k23"),
+}
+# RAEv2's layer sets of the 24-block DINOv3 ViT-L, 0-based block indices (reference/raev2.md §1.1): k1 is the final
+# block's tokens alone (no added mean); "k7" is EVERY OTHER block from 11 to 23, not the last 7; k23 all but block 0.
+LAYER_SETS: dict[str, tuple[int, ...] | None] = {"k1": None, "k7": tuple(range(11, 24, 2)), "k23": tuple(range(1, 24))}
+# What the decoder predicts: RAE's encoder-normalised pixels, or RAEv2's [0, 1] ones.
+PIXELS = ("encoder", "unit")
 PATCH = 16  # output pixels per latent position, each side
 NOISE_TAU = 0.8  # decoder-training noise level of the released decoders (`n08`)
 STATS_EPS = 1e-5  # z / sqrt(var + eps) with the released statistics
@@ -40,6 +56,9 @@ DECODERS: dict[str, dict[str, int]] = {
     "B": dict(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
     "L": dict(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
     "XL": dict(hidden_size=1152, depth=28, num_heads=16, mlp_dim=4096),
+    # RAEv2's ViTSO (a SigLIP decoder config): the official loader replaces its patch 14 by 16 and its width by the
+    # latent's, which leaves XL's shapes.
+    "SO": dict(hidden_size=1152, depth=28, num_heads=16, mlp_dim=4096),
     "tiny": dict(hidden_size=64, depth=2, num_heads=4, mlp_dim=128),
 }
 
@@ -52,16 +71,32 @@ HF_MAE_LN_EPS = 1e-12
 # --- encoder --------------------------------------------------------------------------------------
 
 def build_rae_encoder(
-    name: str, image_size: int = 256, weights: str | Path | None = None, random_init: bool = False
+    name: str, image_size: int = 256, weights: str | Path | None = None, random_init: bool = False,
+    layers: str | None = None,
 ) -> FrozenEncoder:
-    """The frozen encoder as RAE uses it: one token per 16 px of ``image_size``, final LN without affine."""
+    """The frozen encoder as RAE uses it: one token per 16 px of ``image_size``, final LN without affine.
+
+    layers: a name in ``LAYER_SETS`` (RAEv2); k7 and k23 average those blocks' final-norm outputs (the norm without
+    affine, as the final one) and add the last one's token mean; None or k1: the final tokens.
+    """
     if name not in ENCODERS:
         raise UnknownNameError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    if layers is not None and layers not in LAYER_SETS:
+        raise UnknownNameError(f"unknown RAE layer set {layers!r}; choose from {sorted(LAYER_SETS)}")
     if image_size % PATCH:
         raise UserError(f"RAE image size must be a multiple of {PATCH}, got {image_size}")
     grid = image_size // PATCH
     enc = build_encoder(name, weights=weights, random_init=random_init, img_size=grid * ENCODERS[name].patch_size)
     model = enc.model
+    blocks = LAYER_SETS[layers] if layers is not None else None
+    if blocks is not None:
+        if max(blocks) >= len(model.blocks):
+            raise UserError(f"RAE layer set {layers} takes blocks {blocks[0]}..{blocks[-1]}; encoder {name} has "
+                            f"{len(model.blocks)} blocks")
+        if model.num_prefix_tokens != enc.prefix_tokens:
+            raise UserError(f"encoder {name}: timm drops {model.num_prefix_tokens} prefix tokens, its spec "
+                            f"{enc.prefix_tokens}")
+        enc.layers = blocks
     eps = model.norm.eps
     if name in HF_MAE_ENCODERS:
         eps = HF_MAE_LN_EPS
@@ -180,8 +215,12 @@ def unpatchify(patches: torch.Tensor, grid: int, patch: int = PATCH) -> torch.Te
 @register("rae")
 class RAE(Tokenizer):
     """A frozen encoder (a name in ``tokenizers.encoders.ENCODERS``; the released models use
-    ``dinov2_b_reg``, ``siglip2_b``, ``mae_b``) and a ViT decoder (``DECODERS``: B, L, XL, tiny).
+    ``dinov2_b_reg``, ``siglip2_b``, ``mae_b``, and RAEv2's ``dinov3_l`` with ``layers`` k1, k7 or k23) and a ViT
+    decoder (``DECODERS``: B, L, XL, SO, tiny).
 
+    ``layers``: RAEv2's layer set (``LAYER_SETS``), None for RAE's final tokens. ``pixels``: what the decoder
+    predicts, "encoder" (RAE: the encoder's normalised pixels) or "unit" (RAEv2: [0, 1]); by default "unit" when
+    a layer set is named, else "encoder". ``decode`` returns [-1, 1] either way.
     ``random_init=True`` gives the encoder random weights (tests, demos); its weights are then
     saved with the decoder, whereas a pretrained encoder comes from its spec and is not saved.
     """
@@ -189,7 +228,12 @@ class RAE(Tokenizer):
     downsample = PATCH
     # The released decoders (reference/rae_ditdh.md §1.4), by the encoder names of configs (tokenizers.rae_train).
     releases = {"dinov2_b": ("decoders/dinov2/wReg_base/ViTXL_n08",),
-                "siglip2_b": ("decoders/siglip2/base_p16_i256/ViTXL_n08",), "mae_b": ("decoders/mae/base_p16/ViTXL_n08",)}
+                "siglip2_b": ("decoders/siglip2/base_p16_i256/ViTXL_n08",), "mae_b": ("decoders/mae/base_p16/ViTXL_n08",),
+                # RAEv2 (nyu-visionx/RAEv2-models): stage1/{imagenet,general}/dinov3l-k*/decoder.pt, with stats.pt
+                **{f"dinov3_l_{k}": (f"stage1/imagenet/dinov3l-{k}", f"stage1/general/dinov3l-{k}") for k in ("k1", "k7", "k23")}}
+    # Rows of the tokenizer x generator matrix. RAEv2's encoders are not among them yet: the matrix runs every
+    # encoder cut to one block, which has no block 11..23 for k7 and k23 (tests/test_matrix.py).
+    matrix_variants = ("dinov2_b", "siglip2_b", "mae_b")
 
     def __init__(
         self,
@@ -198,20 +242,28 @@ class RAE(Tokenizer):
         image_size: int = 256,
         encoder_weights: str | None = None,
         random_init: bool = False,
+        layers: str | None = None,
+        pixels: str | None = None,
     ):
         super().__init__()
         if decoder not in DECODERS:
             raise UnknownNameError(f"unknown RAE decoder size {decoder!r}; choose from {sorted(DECODERS)}")
+        pixels = pixels or ("encoder" if layers is None else "unit")
+        if pixels not in PIXELS:
+            raise UnknownNameError(f"unknown RAE decoder pixels {pixels!r}; choose from {PIXELS}")
         self.config = dict(
             encoder=encoder,
             decoder=decoder,
             image_size=image_size,
             encoder_weights=None if encoder_weights is None else str(encoder_weights),
             random_init=random_init,
+            layers=layers,
+            pixels=pixels,
         )
         self.image_size = image_size
         self.grid = image_size // PATCH
-        self.encoder = build_rae_encoder(encoder, image_size, encoder_weights, random_init)
+        self.pixels = pixels
+        self.encoder = build_rae_encoder(encoder, image_size, encoder_weights, random_init, layers)
         self.decoder = ViTDecoder(self.encoder.feature_dim, self.grid, **DECODERS[decoder])
 
     @property
@@ -233,11 +285,14 @@ class RAE(Tokenizer):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, self.grid, self.grid)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, D, h, w] -> images [B, 3, 16 h, 16 w] in [-1, 1] (not clamped)."""
+        """Latents [B, D, h, w] -> images [B, 3, 16 h, 16 w] in [-1, 1] (not clamped); RAEv2's decoders predict
+        [0, 1] pixels (mapped by 2 x - 1), RAE's the encoder's normalised ones."""
         expected = (self.latent_channels, self.grid, self.grid)
         if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
             raise ValueError(f"RAE expects latents [B, {', '.join(map(str, expected))}], got {tuple(latents.shape)}")
         pixels = self.decoder(latents.flatten(2).transpose(1, 2))
+        if self.pixels == "unit":
+            return pixels * 2 - 1
         return (pixels * self.encoder.std + self.encoder.mean) * 2 - 1
 
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
@@ -260,8 +315,9 @@ class RAE(Tokenizer):
 
     @classmethod
     def load_official(cls, path: str | Path, encoder: str | None = None, **config: Any) -> "RAE":
-        """A released decoder ``model.pt`` (e.g. ``decoders/dinov2/wReg_base/ViTXL_n08/model.pt``) with the
-        encoder it was trained with; ``config`` as the constructor's (default: XL decoder, 256 px).
+        """A released decoder ``model.pt`` (e.g. ``decoders/dinov2/wReg_base/ViTXL_n08/model.pt``; RAEv2's
+        ``stage1/imagenet/dinov3l-k7/decoder.pt`` with ``encoder="dinov3_l", layers="k7"``) with the encoder it was
+        trained with; ``config`` as the constructor's (default: XL decoder, 256 px).
 
         ``encoder`` is required: every 768-wide encoder's decoder has the same shapes, so a decoder paired
         with the wrong encoder would load strictly and decode garbage.
@@ -276,16 +332,16 @@ class RAE(Tokenizer):
 
     @classmethod
     def variants(cls) -> tuple[str, ...]:
-        return tuple(RAE_ENCODERS)
+        return cls.matrix_variants
 
     @classmethod
     def released_config(cls, variant: str = "") -> dict[str, Any]:
         # random_init: the released encoder's weights are not needed for its shapes.
-        return dict(encoder=RAE_ENCODERS[variant], random_init=True)
+        return dict(**RAE_ENCODERS[variant], random_init=True)
 
     @classmethod
     def tiny_config(cls, variant: str, image_size: int) -> dict[str, Any]:
-        return dict(encoder=RAE_ENCODERS[variant], decoder="tiny", image_size=image_size, random_init=True)
+        return dict(**RAE_ENCODERS[variant], decoder="tiny", image_size=image_size, random_init=True)
 
 
 def noise_augment(

@@ -1,6 +1,10 @@
 """RAE's decoder training recipe for the shared loop (tokenizers.train): a ViT decoder on the frozen encoder's
 noise-augmented latents, a frozen-DINO discriminator behind DiffAug, random crops and a warm-up + cosine
-schedule (reference/rae_ditdh.md §1.3, §1.5)."""
+schedule (reference/rae_ditdh.md §1.3, §1.5).
+
+RAEv2's recipe (`encoder=dinov3_l_k7`, reference/raev2.md §2.3) is the same loop, losses, schedule, EMA and
+discriminator; what differs is its encoder, its decoder's [0, 1] pixels (tokenizers.rae, `pixels`) and its
+images: plain 256 px centre crops, no random crop (`augment.resize_scale` null takes the encoder's default)."""
 from __future__ import annotations
 
 import math
@@ -20,21 +24,34 @@ from tokenizers.recipe import Family, trainable, with_module
 
 
 
-def rae_encoder_name(name: str) -> str:
-    """The tokenizers.encoders name of an RAE encoder; `dinov2_b` is DINOv2-B with registers, as RAE's."""
+# The training images' resize scale of each recipe (`augment.resize_scale: null`): RAE's Resize(384) + RandomCrop(256),
+# RAEv2's pre-centre-cropped 256 px images as they are.
+RAEV2_RESIZE_SCALE, RAE_RESIZE_SCALE = 1.0, 1.5
+
+
+def rae_encoder_options(name: str) -> dict[str, str]:
+    """The RAE constructor's encoder keywords of an encoder of configs; `dinov2_b` is DINOv2-B with registers, as
+    RAE's; `dinov3_l_k7` is RAEv2's DINOv3-L with its k7 layer set."""
     if name not in RAE_ENCODERS:
         raise ConfigError(f"encoder: unknown RAE encoder {name!r}; choose from {', '.join(RAE_ENCODERS)} "
                           "(dinov2_b is DINOv2-B with registers)")
     return RAE_ENCODERS[name]
 
 
+def resize_scale(cfg: DictConfig) -> float:
+    """`augment.resize_scale`, or when null the encoder's recipe's (RAEv2's layer-set encoders: 1, RAE's: 1.5)."""
+    if cfg.augment.resize_scale is not None:
+        return float(cfg.augment.resize_scale)
+    return RAEV2_RESIZE_SCALE if "layers" in rae_encoder_options(cfg.encoder) else RAE_RESIZE_SCALE
+
+
 def check_rae_config(cfg: DictConfig) -> None:
-    rae_encoder_name(cfg.encoder)
+    rae_encoder_options(cfg.encoder)
     if cfg.model.decoder not in DECODERS:
         raise ConfigError(f"model.decoder: unknown RAE decoder {cfg.model.decoder!r}; choose from {sorted(DECODERS)}")
     if cfg.data.image_size % PATCH:
         raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of RAE's patch {PATCH}")
-    if cfg.augment.resize_scale < 1:
+    if resize_scale(cfg) < 1:
         raise ConfigError(f"augment.resize_scale must be at least 1, got {cfg.augment.resize_scale}")
 
 
@@ -83,8 +100,9 @@ class RAEFamily(Family):
         check_rae_config(cfg)
         self.cfg = cfg
         try:
-            tokenizer = RAE(rae_encoder_name(cfg.encoder), cfg.model.decoder, cfg.data.image_size,
-                            cfg.model.encoder_weights, cfg.model.random_init)
+            tokenizer = RAE(decoder=cfg.model.decoder, image_size=cfg.data.image_size,
+                            encoder_weights=cfg.model.encoder_weights, random_init=cfg.model.random_init,
+                            **rae_encoder_options(cfg.encoder))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} [in this config: model.encoder_weights=<file>, or model.random_init=true]") from e
         self.model = RAEModel(tokenizer, cfg.model.noise_tau)
@@ -104,7 +122,7 @@ class RAEFamily(Family):
     def source(cls, cfg: DictConfig) -> Any:
         """Images ADM-centre-cropped to `augment.resize_scale` x `data.image_size`; `view` crops them."""
         check_rae_config(cfg)  # the first thing a run does: bad settings stop it before the data is scanned
-        return build_source({**to_dict(cfg.data), "image_size": int(cfg.data.image_size * cfg.augment.resize_scale)})
+        return build_source({**to_dict(cfg.data), "image_size": int(cfg.data.image_size * resize_scale(cfg))})
 
     def view(self, images: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
         """A random `data.image_size` crop of each training image (official: Resize(384) + RandomCrop(256), no
