@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from core.config import compose
 from tokenizers import rae_train
+from tokenizers.base import open_tokenizer
 from tokenizers.encoders import ENCODERS
 from tokenizers.rae import LAYER_SETS, RAE, RAE_ENCODERS, build_rae_encoder
 
@@ -163,6 +164,9 @@ def test_decoder_predicts_unit_pixels_and_released_decoder_loads_strictly(narrow
     torch.save(src.decoder.state_dict(), path)  # the release's decoder.pt: a bare GeneralDecoder state dict
     model = RAE.load_official(path, encoder="dinov3_l", layers="k7", decoder="tiny", random_init=True)
     assert model.config["pixels"] == "unit" and torch.equal(model.decode(z), src.decode(z))
+    # the command line's form (README): the encoder and its layer set named after the file
+    tok, _ = open_tokenizer(f"rae:{path},encoder=dinov3_l,layers=k7,decoder=tiny,random_init=true")
+    assert tok.config["layers"] == "k7" and tok.config["pixels"] == "unit" and torch.equal(tok.decode(z), src.decode(z))
     with pytest.raises(KeyError, match="missing.*decoder_pos_embed"):
         model.load_official_decoder({k: v for k, v in src.decoder.state_dict().items() if k != "decoder_pos_embed"})
 
