@@ -29,6 +29,8 @@ COLUMNS = sorted(shipped_generators())
 # Frozen pretrained encoders (RAE's) as one narrow block of their real timm architecture, as in
 # tests/tokenizers/test_rae.py: a random ViT-B costs about 20 s to build, save, hash and load, per encoder.
 SMALL_ENCODER = {"embed_dim": 64, "depth": 1, "num_heads": 2}
+# RAEv2's layer sets read blocks up to 23 (k7: 11, 13, ..., 23): its encoder keeps all 24 blocks, narrow.
+LAYERED_ENCODERS = {"dinov3_l": {**SMALL_ENCODER, "depth": 24}}
 REAL_ENCODERS = dict(ENCODERS)
 # The released recipe's REPA is off: its block would not exist in the tiny model, and the matrix stores hold no REPA
 # features (REPA on every family: tests/generators/test_training_aids.py).
@@ -41,7 +43,8 @@ RUN = ["model.num_classes=10", "model.repa_depth=null", "train.global_batch=8", 
 def small_encoders():
     with pytest.MonkeyPatch.context() as m:
         for name, spec in ENCODERS.items():
-            m.setitem(ENCODERS, name, dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, **SMALL_ENCODER}))
+            small = LAYERED_ENCODERS.get(name, SMALL_ENCODER)
+            m.setitem(ENCODERS, name, dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, **small}))
         yield
 
 

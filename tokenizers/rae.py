@@ -233,7 +233,7 @@ class RAE(Tokenizer):
                 **{f"dinov3_l_{k}": (f"stage1/imagenet/dinov3l-{k}", f"stage1/general/dinov3l-{k}") for k in ("k1", "k7", "k23")}}
     # Rows of the tokenizer x generator matrix. RAEv2's encoders are not among them yet: the matrix runs every
     # encoder cut to one block, which has no block 11..23 for k7 and k23 (tests/test_matrix.py).
-    matrix_variants = ("dinov2_b", "siglip2_b", "mae_b")
+    matrix_variants = ("dinov2_b", "siglip2_b", "mae_b", "dinov3_l_k7")
 
     def __init__(
         self,
