@@ -66,6 +66,7 @@ from generators.layers import (
 )
 from generators.official import OfficialCheckpointMixin, load_official_weights, unwrap_name, unwrap_state_dict
 from generators.registry import Release, register
+from generators.sharing import check_given_state
 from tokenizers.encoders import ENCODERS
 
 log = logging.getLogger(__name__)
@@ -373,12 +374,7 @@ class DDT(nn.Module, OfficialCheckpointMixin):
                     repa = self.repa_projector(s)
             state = F.silu(t_emb + s)
         else:
-            if return_ig or return_repa:
-                raise UserError("a given state skips the encoder, where the IG head and the REPA projector read; "
-                                "call without state for return_ig / return_repa")
-            if tuple(state.shape) != (B, patches.shape[1], self.hidden_size):
-                raise MismatchError(f"state is shaped {tuple(state.shape)}, this call needs "
-                                    f"{(B, patches.shape[1], self.hidden_size)} (batch, tokens, hidden_size)")
+            check_given_state("DDT", state, (B, patches.shape[1], self.hidden_size), return_ig, return_repa)
         h = self.x_embedder(patches)
         for i in range(self.num_encoder_blocks, self.num_blocks):
             h = run_block(self.blocks[i], h, state, rope, self.use_checkpoint)

@@ -55,6 +55,7 @@ from generators.layers import (
 )
 from generators.official import OfficialCheckpointMixin
 from generators.registry import Release, register
+from generators.sharing import check_given_state
 from tokenizers.encoders import ENCODERS
 
 # Encoder sizes; every variant has the same head (width 2048, 2 blocks, 16 heads). S and XL are the
@@ -208,12 +209,8 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
         ``force_drop_ids`` are not read, and ``return_ig``/``return_repa`` (which need the encoder) are refused.
         """
         if state is not None:
-            if return_ig or return_repa:
-                raise UserError("DiT^DH: a given state skips the encoder, so return_ig/return_repa (the IG head's "
-                                "velocity, the REPA tokens: both read encoder blocks) cannot be computed with it")
             want = (x.shape[0], x.shape[2] * x.shape[3], self.x_embedder.proj.out_channels)
-            if tuple(state.shape) != want:
-                raise ValueError(f"DiT^DH: state of shape {tuple(state.shape)}, expected {want} for x {tuple(x.shape)}")
+            check_given_state("DiT^DH", state, want, return_ig, return_repa)
             s = state
         else:
             s, v_mid, repa = self._encode(x, t, y, force_drop_ids, return_ig, return_repa)

@@ -42,6 +42,7 @@ from generators.flow import x_to_velocity
 from generators.jit import JiTLabelEmbedder
 from generators.layers import PatchEmbed, adaln_modulation, check_depth, modulate, pack_outputs
 from generators.official import OfficialCheckpointMixin
+from generators.sharing import check_given_state
 
 # RAEv2's sizes, sizes of family ``ditdh`` (generators.ditdh.build_ditdh): the released ImageNet-256 generator.
 PRESETS: dict[str, dict[str, list[int]]] = {
@@ -354,13 +355,8 @@ class DiTwDDTHeadIG(nn.Module, OfficialCheckpointMixin):
         ``return_ig``/``return_repa`` are refused.
         """
         if state is not None:
-            if return_ig or return_repa:
-                raise UserError("DiTwDDTHeadIG: a given state skips the encoder, so return_ig/return_repa (the IG "
-                                "head's velocity, the REPA tokens: both read encoder blocks) cannot be computed")
             want = (x_t.shape[0], (x_t.shape[2] // self.patch_size) ** 2, self.x_embedder.proj.out_channels)
-            if tuple(state.shape) != want:
-                raise ValueError(f"DiTwDDTHeadIG: state of shape {tuple(state.shape)}, expected {want} for x "
-                                 f"{tuple(x_t.shape)}")
+            check_given_state("DiTwDDTHeadIG", state, want, return_ig, return_repa)
             v = x_to_velocity(self._head(x_t, state), x_t, t, self.t_eps)
             return (v, state) if return_state else v
         s, x_base, repa = self._encode(x_t, t, y, force_drop_ids, return_ig, return_repa)

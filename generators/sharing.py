@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.errors import UserError
+from core.errors import MismatchError, UserError
 
 __all__ = ["MODES", "uniform", "dp", "reuse_cost", "similarity", "check", "Sharing", "SharedModel", "schedule_for",
            "Record"]
@@ -134,6 +134,18 @@ def similarity(states: dict[Any, dict[int, torch.Tensor]], n: int) -> np.ndarray
     if (den == 0).any():
         raise ValueError("similarity: some pair of evaluations shares no rows of any kind")
     return num / den
+
+
+def check_given_state(model: str, state: torch.Tensor, want: tuple[int, ...], return_ig: bool,
+                      return_repa: bool) -> None:
+    """Refuse what a call with a given `state` cannot do (the encoder it skips is where the IG head and the REPA
+    projector read) and a state not shaped `want` (batch, tokens, head width); `model` names the model."""
+    if return_ig or return_repa:
+        raise UserError(f"{model}: a given state skips the encoder, where the IG head and the REPA projector read; "
+                        "call without state for return_ig / return_repa")
+    if tuple(state.shape) != tuple(want):
+        raise MismatchError(f"{model}: the given state is shaped {tuple(state.shape)}; this call needs a state of shape "
+                            f"{tuple(want)} (batch, tokens, head width)")
 
 
 # ---------------------------------------------------------------------------------------------- the run's plan

@@ -27,3 +27,9 @@ def tiny_dit():
         return randomize(LightningDiT(**kw)).eval()
 
     return make
+
+
+def latent_inputs(b: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [b, 8, 4, 4], t [b], labels [b] (class 0 last): the fixed inputs of the DiT^DH tests."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, 8, 4, 4, generator=g), torch.rand(b, generator=g), torch.tensor([1, 5, 9, 0][:b])

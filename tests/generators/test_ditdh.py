@@ -8,6 +8,7 @@ from core.config import compose
 from generators.ditdh import PRESETS, DiTwDDTHead, build_ditdh
 from generators.flow import dimension_shift, flow_loss, interpolate, velocity_target
 from generators.registry import build_generator
+from conftest import latent_inputs as inputs
 
 TINY = dict(input_size=4, in_channels=8, hidden_size=[32, 48], depth=[2, 1], num_heads=[2, 4], num_classes=10)
 
@@ -21,11 +22,6 @@ def tiny(seed: int = 0, **overrides) -> DiTwDDTHead:
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.1)
     return model.eval()
-
-
-def inputs(b: int = 3):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(b, 8, 4, 4, generator=g), torch.rand(b, generator=g), torch.tensor([1, 5, 9, 0][:b])
 
 
 def xl_official_shapes() -> dict[str, tuple[int, ...]]:

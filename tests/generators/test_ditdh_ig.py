@@ -14,7 +14,7 @@ from generators.ditdh_ig import DiTwDDTHeadIG, RoPE
 from generators.flow import dimension_shift, interpolate
 from generators.objective import Objective
 from generators.registry import build_generator
-from conftest import randomize
+from conftest import latent_inputs as inputs, randomize
 
 TINY = dict(input_size=4, in_channels=8, hidden_size=[32, 48], depth=[3, 1], num_heads=[4, 4], num_classes=10,
             base_model_depth=2)
@@ -23,11 +23,6 @@ TINY = dict(input_size=4, in_channels=8, hidden_size=[32, 48], depth=[3, 1], num
 def tiny(seed: int = 0, **overrides) -> DiTwDDTHeadIG:
     torch.manual_seed(seed)
     return randomize(DiTwDDTHeadIG(**{**TINY, **overrides}), seed=seed, std=0.1).eval()
-
-
-def inputs(b: int = 3):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(b, 8, 4, 4, generator=g), torch.rand(b, generator=g), torch.tensor([1, 5, 9, 0][:b])
 
 
 def released_shapes() -> dict[str, tuple[int, ...]]:
