@@ -1,13 +1,20 @@
-"""The generator's optimizer: AdamW, or Muon for the 2-D weights with AdamW for the rest (`train.optimizer`).
+"""The generator's optimizer: AdamW, or Muon for the 2-D weights with AdamW for the rest (`train.optimizer`):
+"muon" as the Internal Guidance release, "gmuon" as RAEv2's.
 
 Muon follows the Internal Guidance release (CVL-UESTC/Internal-Guidance, LightningDiT/train.py and
 muon_new.py): every trainable 2-D weight (linear layers, the label embedding, the final layer) takes
 Muon (Newton-Schulz orthogonalised Nesterov momentum) and the biases and norm gains take AdamW, both
 at the same base lr. Both halves are torch's own optimizers (`torch.optim.Muon`, `torch.optim.AdamW`)
 inside one `MuonAdamW`, so accelerate, gradient clipping, lr schedulers and checkpoints see one optimizer.
+
+GMuon follows RAEv2 (nanovisionx/RAEv2, src/utils/optim_utils.py; reference/raev2.md §3.5): the Muon of the
+`gram-newton-schulz` package (Dao-AILab; RAEv2 pins a fork of it, nanovisionx/gmuon, that could not be read) on every
+trainable 2-D tensor, with the Polar-Express Newton-Schulz coefficients, Nesterov momentum and "rms_norm" lr scaling
+(lr * 0.2 * sqrt(max(A, B)), no tall-weight factor), beside a torch AdamW on the rest, again in one `MuonAdamW`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,11 +24,14 @@ import torch
 from core.errors import UserError
 from core.runtime import fused_adam_kwargs
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "gmuon")
+# What gram-newton-schulz's restart autotune picks for the Polar-Express schedule with its default one restart (the
+# release's setting): given here, construction skips the autotune and its prints.
+GMUON_RESTARTS = [2]
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """A torch Muon and a torch AdamW stepped as one optimizer.
+    """A Muon (torch's, or gram-newton-schulz's) and a torch AdamW stepped as one optimizer.
 
     `param_groups` are the two optimizers' own group dicts (Muon's first), so a change of a group's lr
     (an lr scheduler) is what they step with; schedule by scaling each group's own lr (LambdaLR does), not by
@@ -30,7 +40,7 @@ class MuonAdamW(torch.optim.Optimizer):
     would add a group that neither optimizer steps.
     """
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW) -> None:
         self.muon, self.adamw = muon, adamw
         # Optimizer.__init__ keeps the group dicts themselves (it only replaces their "params" list by an
         # equal one), and gives us the step hooks and profiling every torch optimizer has.
@@ -52,7 +62,12 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
+        # gram-newton-schulz torch.compiles its Newton-Schulz (CUDA graphs on GPU); on CPU inductor's C++ build costs
+        # half a minute per weight shape, more than a CPU run's steps take, so there it runs eagerly.
+        first = [p for group in self.muon.param_groups for p in group["params"]][:1]
+        eager = bool(first) and first[0].device.type == "cpu"
+        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+            self.muon.step()
         self.adamw.step()
         return loss
 
@@ -67,7 +82,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         # torch's load_state_dict gives each optimizer new group dicts: ours must be those, or an lr set on them
-        # (the warmup, a scheduler) would reach nothing that steps.
+        # (the warmup, a scheduler) would reach nothing that steps. (gram-newton-schulz's Muon keeps its own groups,
+        # which its param_groups property returns: those are the ones it steps.)
         self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
 
 
@@ -92,16 +108,26 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.O
         RAEv2's code does and torch's Muon requires (it takes 2-D parameters only). The Internal Guidance
         code instead flattens them to [out, in*p*p] for its own Muon, with decay 0.01 and the lr scaled by
         0.2 * sqrt(max(out, in)); here that one tensor gets AdamW's update and `weight_decay`.
+
+    "gmuon": a `MuonAdamW` of gram-newton-schulz's Muon over every trainable 2-D tensor (RAEv2's rule: linear weights,
+    the label table, learnable tokens) with `muon.momentum`, `muon.nesterov`, `muon.weight_decay` (decay lr * wd), the
+    Polar-Express coefficients (five iterations, so `muon.ns_steps` is not read), Gram Newton-Schulz with one restart,
+    bf16 momentum-update casts as the package does and its torch path (`ns_use_kernels` false, the release's setting),
+    and update lr * 0.2 * sqrt(max(A, B)) * NS(U); torch's AdamW on the rest as for "muon".
     """
     name = train_cfg["optimizer"]
     lr, betas, weight_decay = train_cfg["lr"], tuple(train_cfg["betas"]), train_cfg["weight_decay"]
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
                                  **fused_adam_kwargs())
-    if name != "muon":
+    if name not in OPTIMIZERS:
         raise UserError(f"unknown train.optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     muon_cfg = train_cfg["muon"]
+    adamw = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim != 2]}], lr=lr, betas=betas,
+                              weight_decay=weight_decay, **fused_adam_kwargs())
+    if name == "gmuon":
+        return MuonAdamW(gram_muon([p for p in trainable if p.ndim == 2], lr, muon_cfg), adamw)
     by_factor: dict[float, list[torch.Tensor]] = {}
     for p in trainable:
         if p.ndim == 2:
@@ -112,6 +138,16 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.O
     muon = torch.optim.Muon(groups or [{"params": []}], lr=lr, weight_decay=wd, momentum=muon_cfg["momentum"],
                             nesterov=muon_cfg["nesterov"], ns_steps=muon_cfg["ns_steps"],
                             adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim != 2]}], lr=lr, betas=betas,
-                              weight_decay=weight_decay, **fused_adam_kwargs())
     return MuonAdamW(muon, adamw)
+
+
+def gram_muon(params: list[torch.Tensor], lr: float, muon_cfg: Mapping) -> torch.optim.Optimizer:
+    """gram-newton-schulz's Muon with RAEv2's settings (build_optimizer, "gmuon")."""
+    try:
+        from gram_newton_schulz import Muon
+    except ImportError as e:
+        raise UserError("train.optimizer=gmuon needs the gram-newton-schulz package (a dependency of this project on "
+                        f"Linux: pip install gram-newton-schulz): {e}") from e
+    return Muon([{"params": params}], lr=lr, weight_decay=muon_cfg["weight_decay"], momentum=muon_cfg["momentum"],
+                nesterov=muon_cfg["nesterov"], adjust_lr="rms_norm", ns_coefficients_preset="POLAR_EXPRESS_COEFFICIENTS",
+                ns_use_kernels=False, gram_newton_schulz_restart_iterations=GMUON_RESTARTS)

@@ -139,6 +139,38 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def decay_factor(step: int, start: int, end: int, final_ratio: float) -> float:
+    """The lr multiplier of step `step` (0-based) under a linear decay: 1 before `start`, then linearly down to
+    `final_ratio` at `end`, and `final_ratio` from there on (RAEv2's "linear" schedule after its constant
+    warmup_epochs, the step of each update as LambdaLR counts it)."""
+    if step < start:
+        return 1.0
+    if step >= end:
+        return final_ratio
+    return 1.0 - (1.0 - final_ratio) * (step - start) / (end - start)
+
+
+def lr_factor(step: int, train_cfg: DictConfig) -> float:
+    """The lr multiplier of step `step`: the warmup's times the decay's (train.lr_decay), a pure function of the step."""
+    factor = warmup_factor(step, int(train_cfg.warmup_steps))
+    d = train_cfg.lr_decay
+    if d.start is not None:
+        factor *= decay_factor(step, int(d.start), int(d.end), float(d.final_lr) / float(train_cfg.lr))
+    return factor
+
+
+def check_lr_schedule(train_cfg: DictConfig) -> None:
+    if train_cfg.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps={train_cfg.warmup_steps}: give a number of steps >= 0 (0 = no warmup)")
+    d = train_cfg.lr_decay
+    if (d.start is None) != (d.end is None) or (d.start is None) != (d.final_lr is None):
+        raise UserError("train.lr_decay: give start, end and final_lr together (all null: no decay), got "
+                        f"start={d.start}, end={d.end}, final_lr={d.final_lr}")
+    if d.start is not None and not (0 <= d.start <= d.end and d.final_lr > 0):
+        raise UserError(f"train.lr_decay: need 0 <= start <= end and final_lr > 0, got start={d.start}, end={d.end}, "
+                        f"final_lr={d.final_lr}")
+
+
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, cfg: DictConfig, latents: Any, shape: tuple[int, ...],
                 device: torch.device, guide: torch.nn.Module | None = None) -> torch.Tensor:
@@ -177,8 +209,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"), upgrade=upgrade_run_config)
     world, rank = acc.num_processes, acc.process_index
-    if cfg.train.warmup_steps < 0:
-        raise UserError(f"train.warmup_steps={cfg.train.warmup_steps}: give a number of steps >= 0 (0 = no warmup)")
+    check_lr_schedule(cfg.train)
     if cfg.train.global_batch % world:
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
 
@@ -229,7 +260,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
                                 f"Last good checkpoint: {kept or 'none yet'} (kept). Lower train.lr, set "
                                 "train.grad_clip=1.0 or model.options.use_qknorm=true, and resume.")
         for group, lr in zip(opt.param_groups, base_lrs):
-            group["lr"] = lr * warmup_factor(step, int(cfg.train.warmup_steps))
+            group["lr"] = lr * lr_factor(step, cfg.train)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(acc.unwrap_model(model))
@@ -239,6 +270,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
             fields = {k: loss_value if k == "loss" else acc.reduce(v.detach(), "mean").item() for k, v in losses.items()}
             if grad_norm is not None:
                 fields["grad_norm"] = float(grad_norm)
+            fields["lr"] = float(cfg.train.lr) * lr_factor(step - 1, cfg.train)  # the lr of the update just made
             run.log(step=step, **fields)
             bar.set_postfix(loss=f"{fields['loss']:.4f}")
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
