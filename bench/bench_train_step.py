@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 64 --ig-depth 8
     .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 64 --repa-depth 8 --repa store
     .venv/bin/python bench/bench_train_step.py --generator lightningdit_xl1 --batch 64 --repa-depth 8 --repa online
+    .venv/bin/python bench/bench_train_step.py --generator ditdh_ig_xl --batch 128 --precision bf16   # RAEv2, GMuon
 
 One step = forward + the training objective (generators.objective: flow loss, and the IG head's MSE and the
 REPA term when asked) + backward + optimizer step (train.optimizer of the config, or --optimizer) + EMA
@@ -23,7 +24,7 @@ import torch
 
 from core.config import compose
 from core.ema import EMA
-from core.optim import build_optimizer
+from core.optim import OPTIMIZERS, build_optimizer
 from generators import flow
 from generators.objective import Objective
 from generators.registry import build_generator
@@ -38,9 +39,9 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="default: the config's")
-    p.add_argument("--ig-depth", type=int, default=None, help="an internal-guidance head after this block")
-    p.add_argument("--repa-depth", type=int, default=None, help="a REPA projector after this block")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: the config's")
+    p.add_argument("--ig-depth", type=int, default=None, help="an internal-guidance head after this block (default: the config's)")
+    p.add_argument("--repa-depth", type=int, default=None, help="a REPA projector after this block (default: the config's)")
     p.add_argument("--repa", choices=["store", "online"], default="store", help="where the REPA targets come from")
     p.add_argument("--repa-encoder", default="dinov2_b")
     args = p.parse_args()
@@ -50,7 +51,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = compose("generator", args.generator)
     cfg.model.options = {**cfg.model.options, "use_checkpoint": args.grad_checkpointing}
-    cfg.model.ig_depth, cfg.model.repa_depth, cfg.model.repa_encoder = args.ig_depth, args.repa_depth, args.repa_encoder
+    cfg.model.repa_encoder = args.repa_encoder
+    for key, value in (("ig_depth", args.ig_depth), ("repa_depth", args.repa_depth)):
+        if value is not None:
+            cfg.model[key] = value
     if args.optimizer:
         cfg.train.optimizer = args.optimizer
     model = build_generator(cfg.model).to(device).train()
@@ -78,8 +82,8 @@ def main() -> None:
         eps = torch.randn_like(x)
         t = flow.sample_t(args.batch, device=device)
         drop = torch.zeros(args.batch, dtype=torch.bool, device=device)
-        losses = objective(fwd, flow.interpolate(x, eps, t), t, y, drop, flow.velocity_target(x, eps), targets(), 0,
-                           autocast)
+        x_t, t, target = objective.path(x, eps, t)  # x-prediction models (RAEv2's, JiT) clip their target
+        losses = objective(fwd, x_t, t, y, drop, target, targets(), 0, autocast)
         losses["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,7 +95,7 @@ def main() -> None:
     n_params = sum(q.numel() for q in model.parameters())
     config = {"generator": args.generator, "params_m": round(n_params / 1e6, 2), "batch": args.batch,
               "precision": precision, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
-              "optimizer": cfg.train.optimizer, "ig_depth": args.ig_depth, "repa_depth": args.repa_depth,
+              "optimizer": cfg.train.optimizer, "ig_depth": cfg.model.ig_depth, "repa_depth": cfg.model.repa_depth,
               "repa": args.repa if objective.repa else None, "device": device_label(device)}
     emit_steps("train_step", args.batch, args.steps, seconds, device, config)
 

@@ -266,7 +266,8 @@ class DiTwDDTHead(nn.Module, OfficialCheckpointMixin):
     tiny={"size": "S", "options": {"hidden_size": [32, 64], "depth": [1, 1], "num_heads": [2, 2]}},
     repa=lambda depth, encoder: {"enable_repa": True, "repa_layer_depth": depth, "z_dim": ENCODERS[encoder].feature_dim},
     ig=lambda depth: {"base_model_depth": depth},
-    releases=(Release("DiTDH-XL", "rae", "dinov2_b"), Release("DiTDH-S_ep14", "rae", "dinov2_b")),
+    releases=(Release("DiTDH-XL", "rae", "dinov2_b"), Release("DiTDH-S_ep14", "rae", "dinov2_b"),
+              Release("RAEv2 DiTwDDTHeadIG (IG-XL)", "rae", "dinov3_l_k7")),
 )
 def build_ditdh(name: str, **overrides) -> nn.Module:
     """A preset (``"DiTDH-XL"`` or ``"XL"``; S, B, L, XL) with the released options, or RAEv2's ``"IG-XL"``
