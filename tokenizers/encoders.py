@@ -7,6 +7,7 @@ same encoders as REPA's alignment target: its preprocessing and a position table
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class FrozenEncoder(torch.nn.Module):
         self, model: torch.nn.Module, spec: EncoderSpec, image_size: int, normalize: bool, resize_mode: str,
         normalize_first: bool = False, input_size: int | None = None, name: str = "",
         weights_file: Path | None = None, random_init: bool = False, depth: int | None = None,
+        size: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -98,6 +100,7 @@ class FrozenEncoder(torch.nn.Module):
         self.resize_mode = resize_mode
         self.weights_file, self.random_init = weights_file, random_init  # provenance (`provenance()`)
         self.depth = depth  # None: every block
+        self.size = dict(size) if size else None  # timm keywords over the spec's architecture (random weights only)
         # None: the final-norm tokens; else RAEv2's multi-layer latent (`layer_mean`) of these 0-based blocks
         self.layers: tuple[int, ...] | None = None
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
@@ -153,6 +156,7 @@ class FrozenEncoder(torch.nn.Module):
             "encoder": self.name, "timm_name": self.timm_name, "input_size": self.input_size, "image_size": self.image_size,
             "grid": self.grid, "tokens": self.grid**2, "dim": self.feature_dim, "random_init": self.random_init,
             "depth": self.depth, **({} if self.layers is None else {"layers": list(self.layers)}),
+            **({} if self.size is None else {"size": self.size}),
             "weights_file": None if self.weights_file is None else str(self.weights_file),
             "weights_sha256": None if self.weights_file is None else sha256_file(self.weights_file),
         }
@@ -164,16 +168,37 @@ def _spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
+# Keywords `size` may not override: the builders set them, and the pretrained-shape ones have nothing to do with size.
+FIXED_TIMM_KWARGS = frozenset({"num_classes", "img_size", "dynamic_img_size", "pretrained", "pretrained_cfg_overlay"})
+
+
 def _create_model(
-    name: str, spec: EncoderSpec, weights: str | Path | None, random_init: bool, **kwargs: Any
+    name: str, spec: EncoderSpec, weights: str | Path | None, random_init: bool,
+    size: Mapping[str, Any] | None = None, **kwargs: Any,
 ) -> tuple[torch.nn.Module, Path | None]:
-    """The timm model with pretrained weights (a file or the HF cache) or random ones; and the weights file."""
+    """The timm model with pretrained weights (a file or the HF cache) or random ones; and the weights file.
+
+    `size`: timm ViT keywords over the spec's architecture (e.g. {embed_dim: 64, num_heads: 2}), random weights only:
+    a narrow random encoder of the real block structure for CPU demos, which pretrained weights would not fit.
+    """
     if weights is not None and random_init:
         raise ValueError("give either weights or random_init=True, not both")
-    kwargs = dict(num_classes=0, **spec.timm_kwargs, **kwargs)
+    size = dict(size or {})
+    if size and not random_init:
+        raise UserError(f"encoder {name}: a size override {size} needs random weights (random_init=True); "
+                        "pretrained weights have the spec's shapes")
+    if fixed := sorted(FIXED_TIMM_KWARGS & set(size)):
+        raise UserError(f"encoder {name}: the size override may not set {fixed}; the encoder builders set them")
+    kwargs = dict(num_classes=0, **{**spec.timm_kwargs, **size}, **kwargs)
     if random_init:
-        log.warning("encoder %s (%s) has RANDOM weights: for tests and demos only", name, spec.timm_name)
-        return timm.create_model(spec.timm_name, pretrained=False, **kwargs), None
+        log.warning("encoder %s (%s) has RANDOM weights%s: for tests and demos only", name, spec.timm_name,
+                    f", size {size}" if size else "")
+        try:
+            return timm.create_model(spec.timm_name, pretrained=False, **kwargs), None
+        except TypeError as e:  # an unknown keyword of the override, in timm's words
+            if not size:
+                raise
+            raise UserError(f"encoder {name} ({spec.timm_name}): size override {size} refused: {e}") from e
     file = _weights_file(name, spec.timm_name, weights)
     log.info("encoder %s (%s): loading %s", name, spec.timm_name, file)
     model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
@@ -187,12 +212,15 @@ def build_encoder(
     img_size: int | None = None,
     normalize: bool = True,
     resize_mode: str = "bicubic",
+    size: Mapping[str, Any] | None = None,
 ) -> FrozenEncoder:
     """Build a frozen encoder by its name in `ENCODERS`.
 
     weights: a local weights file (timm or original layout); without it, the Hugging Face cache is used.
     img_size: side the encoder is fed (default: the spec's); must be a multiple of the patch size.
     normalize: map [-1, 1] pixels to the encoder's mean/std (VA-VAE's VF loss feeds raw [-1, 1]).
+    size: timm keywords over the architecture, with random_init only (`_create_model`); the tokens are then
+    `size["embed_dim"]` wide.
     """
     spec = _spec(name)
     if resize_mode not in RESIZE_MODES:
@@ -202,9 +230,9 @@ def build_encoder(
         raise UserError(f"{name}: image size {image_size} is not a multiple of the patch size {spec.patch_size}")
     # dynamic_img_size: the position embedding is resampled to the token grid at every forward, as
     # the official VA-VAE VF loss does for DINOv2 at 224 px; the pretrained table is loaded unchanged.
-    model, file = _create_model(name, spec, weights, random_init, dynamic_img_size=True)
+    model, file = _create_model(name, spec, weights, random_init, size, dynamic_img_size=True)
     return FrozenEncoder(model, spec, image_size, normalize, resize_mode, name=name, weights_file=file,
-                         random_init=random_init)
+                         random_init=random_init, size=size)
 
 
 def feature_input_size(name: str, image_size: int, cell: int = 16) -> int:

@@ -72,12 +72,13 @@ HF_MAE_LN_EPS = 1e-12
 
 def build_rae_encoder(
     name: str, image_size: int = 256, weights: str | Path | None = None, random_init: bool = False,
-    layers: str | None = None,
+    layers: str | None = None, size: dict[str, Any] | None = None,
 ) -> FrozenEncoder:
     """The frozen encoder as RAE uses it: one token per 16 px of ``image_size``, final LN without affine.
 
     layers: a name in ``LAYER_SETS`` (RAEv2); k7 and k23 average those blocks' final-norm outputs (the norm without
     affine, as the final one) and add the last one's token mean; None or k1: the final tokens.
+    size: timm keywords over the encoder's architecture, random weights only (``tokenizers.encoders.build_encoder``).
     """
     if name not in ENCODERS:
         raise UnknownNameError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
@@ -86,7 +87,8 @@ def build_rae_encoder(
     if image_size % PATCH:
         raise UserError(f"RAE image size must be a multiple of {PATCH}, got {image_size}")
     grid = image_size // PATCH
-    enc = build_encoder(name, weights=weights, random_init=random_init, img_size=grid * ENCODERS[name].patch_size)
+    enc = build_encoder(name, weights=weights, random_init=random_init, img_size=grid * ENCODERS[name].patch_size,
+                        size=size)
     model = enc.model
     blocks = LAYER_SETS[layers] if layers is not None else None
     if blocks is not None:
@@ -223,6 +225,9 @@ class RAE(Tokenizer):
     a layer set is named, else "encoder". ``decode`` returns [-1, 1] either way.
     ``random_init=True`` gives the encoder random weights (tests, demos); its weights are then
     saved with the decoder, whereas a pretrained encoder comes from its spec and is not saved.
+    ``encoder_size``: timm keywords over the encoder's architecture, with ``random_init`` only, e.g.
+    ``{"embed_dim": 64, "num_heads": 2}`` for a narrow DINOv3-L that keeps its 24 blocks (CPU demos); the latents
+    are then that wide. Kept in ``config``, so a saved folder rebuilds the same architecture.
     """
 
     downsample = PATCH
@@ -244,6 +249,7 @@ class RAE(Tokenizer):
         random_init: bool = False,
         layers: str | None = None,
         pixels: str | None = None,
+        encoder_size: dict[str, Any] | None = None,
     ):
         super().__init__()
         if decoder not in DECODERS:
@@ -259,11 +265,12 @@ class RAE(Tokenizer):
             random_init=random_init,
             layers=layers,
             pixels=pixels,
+            encoder_size=None if encoder_size is None else dict(encoder_size),
         )
         self.image_size = image_size
         self.grid = image_size // PATCH
         self.pixels = pixels
-        self.encoder = build_rae_encoder(encoder, image_size, encoder_weights, random_init, layers)
+        self.encoder = build_rae_encoder(encoder, image_size, encoder_weights, random_init, layers, encoder_size)
         self.decoder = ViTDecoder(self.encoder.feature_dim, self.grid, **DECODERS[decoder])
 
     @property

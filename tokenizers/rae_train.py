@@ -45,6 +45,17 @@ def resize_scale(cfg: DictConfig) -> float:
     return RAEV2_RESIZE_SCALE if "layers" in rae_encoder_options(cfg.encoder) else RAE_RESIZE_SCALE
 
 
+def encoder_size(cfg: DictConfig) -> dict[str, Any] | None:
+    """`model.encoder_size` as a plain dict (timm keywords over the random encoder's architecture), or None."""
+    size = cfg.model.get("encoder_size")
+    if size is None:
+        return None
+    if not isinstance(size, DictConfig):
+        raise ConfigError(f"model.encoder_size must be a mapping of timm keywords such as {{embed_dim: 64, num_heads: 2}}, "
+                          f"got {size!r}")
+    return to_dict(size)
+
+
 def check_rae_config(cfg: DictConfig) -> None:
     rae_encoder_options(cfg.encoder)
     if cfg.model.decoder not in DECODERS:
@@ -53,6 +64,9 @@ def check_rae_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of RAE's patch {PATCH}")
     if resize_scale(cfg) < 1:
         raise ConfigError(f"augment.resize_scale must be at least 1, got {cfg.augment.resize_scale}")
+    if (size := encoder_size(cfg)) is not None and not cfg.model.random_init:
+        raise ConfigError(f"model.encoder_size {size} needs model.random_init=true: pretrained encoder weights have "
+                          "the released architecture")
 
 
 class RAEModel(nn.Module):
@@ -102,7 +116,7 @@ class RAEFamily(Family):
         try:
             tokenizer = RAE(decoder=cfg.model.decoder, image_size=cfg.data.image_size,
                             encoder_weights=cfg.model.encoder_weights, random_init=cfg.model.random_init,
-                            **rae_encoder_options(cfg.encoder))
+                            encoder_size=encoder_size(cfg), **rae_encoder_options(cfg.encoder))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} [in this config: model.encoder_weights=<file>, or model.random_init=true]") from e
         self.model = RAEModel(tokenizer, cfg.model.noise_tau)
@@ -114,7 +128,8 @@ class RAEFamily(Family):
 
     def random_networks(self) -> list[str]:
         cfg = self.cfg
-        return ([f"RAE encoder {cfg.encoder}"] if cfg.model.random_init else []) + (
+        size = encoder_size(cfg)
+        return ([f"RAE encoder {cfg.encoder}" + (f" (size {size})" if size else "")] if cfg.model.random_init else []) + (
             ["LPIPS VGG16 trunk"] if self.lpips is not None and cfg.loss.lpips_random else []) + (
             ["discriminator DINO ViT-S/8"] if cfg.discriminator.random_init else [])
 

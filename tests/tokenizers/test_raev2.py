@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import compose
+from core.config import ConfigError, compose
+from core.errors import UserError
 from tokenizers import rae_train
 from tokenizers.base import open_tokenizer
 from tokenizers.encoders import ENCODERS
@@ -210,3 +211,49 @@ def test_decoder_recipe_uses_plain_centre_crops_and_the_v2_tokenizer(narrow_dino
     assert family.view(x, None) is x  # no random crop
     recon, latents = family.model(x, [torch.Generator().manual_seed(i) for i in range(2)])
     assert latents.shape == (2, 64, 2, 2) and recon.shape == (2, 3, 32, 32)
+
+
+def test_encoder_size_gives_a_narrow_random_k7_that_saves_and_reloads(tmp_path):
+    """model.encoder_size (the demo's tiny RAEv2 tokenizer): the real 24-block DINOv3-L, 64 wide, as a config option
+    rather than a patched spec; the saved folder rebuilds the same narrow architecture."""
+    torch.manual_seed(0)
+    model = RAE("dinov3_l", layers="k7", decoder="tiny", image_size=64, random_init=True, encoder_size=NARROW)
+    enc = model.encoder.model
+    assert len(enc.blocks) == 24 and enc.embed_dim == 64 and enc.blocks[0].attn.num_heads == 2
+    assert ENCODERS["dinov3_l"].timm_kwargs == {} and ENCODERS["dinov3_l"].feature_dim == 1024  # the spec is untouched
+    assert model.config["encoder_size"] == NARROW and model.latent_shape(64) == (64, 4, 4)
+    assert model.encoder.provenance()["size"] == NARROW
+    x = images(2, 64)
+    z = model.encode(x)
+    assert z.shape == (2, 64, 4, 4)
+    model.save_pretrained(tmp_path / "tok")
+    back, _ = open_tokenizer(str(tmp_path / "tok"))
+    assert back.config == model.config and back.encoder.model.embed_dim == 64 and len(back.encoder.model.blocks) == 24
+    assert torch.equal(back.encode(x), z) and torch.equal(back.decode(z), model.decode(z))
+
+
+def test_encoder_size_is_refused_without_random_init_and_with_unknown_keys():
+    with pytest.raises(UserError, match="needs random weights"):
+        RAE("dinov3_l", layers="k7", decoder="tiny", image_size=64, encoder_size=NARROW)
+    with pytest.raises(UserError, match="embed_dimm"):  # timm's own words, with the encoder named
+        RAE("dinov3_l", layers="k7", decoder="tiny", image_size=64, random_init=True, encoder_size={"embed_dimm": 64})
+    with pytest.raises(UserError, match="may not set.*img_size"):
+        RAE("dinov3_l", layers="k7", decoder="tiny", image_size=64, random_init=True, encoder_size={"img_size": 64})
+    cfg = compose("tokenizer", "rae", None, ["encoder=dinov3_l_k7", "model.decoder=tiny", "data.image_size=64",
+                                            "model.encoder_size={embed_dim: 64, num_heads: 2}"])
+    with pytest.raises(ConfigError, match="model.encoder_size .* needs model.random_init=true"):
+        rae_train.check_rae_config(cfg)
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        rae_train.encoder_size(compose("tokenizer", "rae", None, ["model.encoder_size=64"]))
+
+
+def test_decoder_recipe_passes_the_encoder_size_from_the_command_line():
+    cfg = compose("tokenizer", "rae", None, ["encoder=dinov3_l_k7", "model.decoder=tiny", "model.random_init=true",
+                                            "data.image_size=32", "loss.perceptual_weight=0",
+                                            "model.encoder_size={embed_dim: 64, num_heads: 2}"])
+    family = rae_train.RAEFamily(cfg)
+    tok = family.model.tokenizer
+    assert tok.config["encoder_size"] == NARROW and len(tok.encoder.model.blocks) == 24
+    assert "RAE encoder dinov3_l_k7 (size {'embed_dim': 64, 'num_heads': 2})" in family.random_networks()
+    _, latents = family.model(images(2, 32), [torch.Generator().manual_seed(i) for i in range(2)])
+    assert latents.shape == (2, 64, 2, 2)
