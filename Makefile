@@ -98,13 +98,15 @@ demo-wit: install
 		--out $(DEMO)/wit_report.html
 	@echo "report: $(DEMO)/wit_report.html"
 
-# RAE demos (configs/preset/demo.yaml): for each frozen encoder (random weights of the real ViT-B), a tiny
-# decoder, a store of 500 synthetic images, a tiny DiT^DH and 100 samples. `make demo-rae-siglip2_b` runs one.
+# RAE demos (configs/preset/demo.yaml): for each frozen encoder (random weights of the real ViT-B; RAEv2's DINOv3-L k7
+# narrowed), a tiny decoder, a store of 500 synthetic images, a tiny DiT^DH (RAEv2: DiTwDDTHeadIG) and 100 samples.
+# `make demo-rae-siglip2_b` runs one.
 rae_latent_dinov2_b := rae_dino
 rae_latent_siglip2_b := rae_siglip
 rae_latent_mae_b := rae_mae
+rae_latent_dinov3_l_k7 := rae_dinov3
 
-demo-rae: demo-rae-dinov2_b demo-rae-siglip2_b demo-rae-mae_b
+demo-rae: demo-rae-dinov2_b demo-rae-siglip2_b demo-rae-mae_b demo-rae-dinov3_l_k7
 
 demo-rae-%: install
 	$(PY) -m tokenizers.train rae encoder=$* preset=demo
@@ -113,6 +115,17 @@ demo-rae-%: install
 	$(PY) -m generators.train --latent $(rae_latent_$*) preset=demo
 	$(PY) -m generators.sample --run $(DEMO)/$(rae_latent_$*)_ditdh --num 100 --out $(DEMO)/$(rae_latent_$*)_samples.npz
 	@echo "grids: $(DEMO)/rae_$*/samples $(DEMO)/$(rae_latent_$*)_ditdh/samples $(DEMO)/$(rae_latent_$*)_samples.png"
+
+# RAEv2 (its own rule, not the pattern's): a random DINOv3-L k7 narrowed to 64 wide (all 24 blocks; the full width
+# would be 300M random parameters), statistics WITH a mean as RAEv2's, and its tiny DiTwDDTHeadIG (ditdh_ig_xl section).
+demo-rae-dinov3_l_k7: install
+	$(PY) -m tokenizers.train rae encoder=dinov3_l_k7 preset=demo 'model.encoder_size={embed_dim: 64, num_heads: 2}'
+	$(PY) -m latents.extract --tokenizer $(DEMO)/rae_dinov3_l_k7/tokenizer --data synthetic \
+		--out $(DEMO)/$(rae_latent_dinov3_l_k7).zarr --stats element data.num_images=500
+	$(PY) -m generators.train --latent $(rae_latent_dinov3_l_k7) preset=demo
+	$(PY) -m generators.sample --run $(DEMO)/$(rae_latent_dinov3_l_k7)_ditdh_ig --num 100 \
+		--out $(DEMO)/$(rae_latent_dinov3_l_k7)_samples.npz
+	@echo "grids: $(DEMO)/rae_dinov3_l_k7/samples $(DEMO)/$(rae_latent_dinov3_l_k7)_ditdh_ig/samples $(DEMO)/$(rae_latent_dinov3_l_k7)_samples.png"
 
 clean:
 	rm -rf runs .pytest_cache
