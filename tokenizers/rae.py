@@ -236,8 +236,8 @@ class RAE(Tokenizer):
                 "siglip2_b": ("decoders/siglip2/base_p16_i256/ViTXL_n08",), "mae_b": ("decoders/mae/base_p16/ViTXL_n08",),
                 # RAEv2 (nyu-visionx/RAEv2-models): stage1/{imagenet,general}/dinov3l-k*/decoder.pt, with stats.pt
                 **{f"dinov3_l_{k}": (f"stage1/imagenet/dinov3l-{k}", f"stage1/general/dinov3l-{k}") for k in ("k1", "k7", "k23")}}
-    # Rows of the tokenizer x generator matrix. RAEv2's encoders are not among them yet: the matrix runs every
-    # encoder cut to one block, which has no block 11..23 for k7 and k23 (tests/test_matrix.py).
+    # Rows of the tokenizer x generator matrix: RAE's three encoders and RAEv2's k7 (whose test encoder keeps its 24
+    # blocks, narrow: tests/test_matrix.py); k1 and k23 differ from k7 only by the blocks read.
     matrix_variants = ("dinov2_b", "siglip2_b", "mae_b", "dinov3_l_k7")
 
     def __init__(

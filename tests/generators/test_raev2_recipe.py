@@ -129,25 +129,18 @@ def test_ig_composes_with_cfg_and_autoguidance():
 @pytest.fixture(scope="module")
 def raev2_latents(tmp_path_factory):
     """A store of 32 synthetic images by a tiny random RAE with a narrow DINOv3-L (all 24 blocks, 64 wide) and the
-    k7 layer set at 64 px, statistics per element with a mean (as RAEv2's). The narrow encoder stays registered for
-    the module: the runs' sample grids decode with that tokenizer."""
-    import dataclasses
-
-    from tokenizers.encoders import ENCODERS
+    k7 layer set at 64 px, statistics per element with a mean (as RAEv2's)."""
     from tokenizers.rae import RAE
 
     root = tmp_path_factory.mktemp("raev2")
-    with pytest.MonkeyPatch.context() as m:
-        spec = ENCODERS["dinov3_l"]
-        m.setitem(ENCODERS, "dinov3_l", dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "embed_dim": 64,
-                                                                                "num_heads": 2}))
-        torch.manual_seed(0)
-        RAE("dinov3_l", "tiny", image_size=64, random_init=True, layers="k7").save_pretrained(root / "tok")
-        extract_main(["--tokenizer", str(root / "tok"), "--data", "synthetic", "--out", str(root / "s.zarr"), "--stats",
-                      "element", "--workers", "0", "--batch-size", "16", "data.num_images=32", "data.image_size=64"])
-        (root / "latent.yaml").write_text(f"stores: [{root / 's.zarr'}]\ntokenizer: {root / 'tok'}\nflips: false\n"
-                                          "generator: ditdh_ig_xl\n")
-        yield root / "latent.yaml"
+    torch.manual_seed(0)
+    RAE("dinov3_l", "tiny", image_size=64, random_init=True, layers="k7",
+        encoder_size={"embed_dim": 64, "num_heads": 2}).save_pretrained(root / "tok")
+    extract_main(["--tokenizer", str(root / "tok"), "--data", "synthetic", "--out", str(root / "s.zarr"), "--stats",
+                  "element", "--workers", "0", "--batch-size", "16", "data.num_images=32", "data.image_size=64"])
+    (root / "latent.yaml").write_text(f"stores: [{root / 's.zarr'}]\ntokenizer: {root / 'tok'}\nflips: false\n"
+                                      "generator: ditdh_ig_xl\n")
+    return root / "latent.yaml"
 
 
 RUN = ["model.input_size=4", "model.in_channels=64", "model.num_classes=10", "model.ig_depth=2",
