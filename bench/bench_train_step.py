@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--ig-depth", type=int, default=None, help="an internal-guidance head after this block (default: the config's)")
     p.add_argument("--repa-depth", type=int, default=None, help="a REPA projector after this block (default: the config's)")
     p.add_argument("--repa", choices=["store", "online"], default="store", help="where the REPA targets come from")
-    p.add_argument("--repa-encoder", default="dinov2_b")
+    p.add_argument("--repa-encoder", default=None, help="default: the config's")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,8 +51,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = compose("generator", args.generator)
     cfg.model.options = {**cfg.model.options, "use_checkpoint": args.grad_checkpointing}
-    cfg.model.repa_encoder = args.repa_encoder
-    for key, value in (("ig_depth", args.ig_depth), ("repa_depth", args.repa_depth)):
+    for key, value in (("ig_depth", args.ig_depth), ("repa_depth", args.repa_depth), ("repa_encoder", args.repa_encoder)):
         if value is not None:
             cfg.model[key] = value
     if args.optimizer:
@@ -65,7 +64,7 @@ def main() -> None:
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     x = torch.randn(args.batch, *shape, device=device)
     y = torch.randint(0, cfg.model.num_classes, (args.batch,), device=device)
-    encoder = build_feature_encoder(args.repa_encoder, random_init=True).to(device) if objective.repa else None
+    encoder = build_feature_encoder(cfg.model.repa_encoder, random_init=True).to(device) if objective.repa else None
     images = torch.rand(args.batch, 3, 256, 256, device=device) * 2 - 1
     stored = encoder(images[:1]).expand(args.batch, -1, -1).half().contiguous() if encoder is not None else None
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731

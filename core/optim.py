@@ -27,7 +27,7 @@ from core.runtime import fused_adam_kwargs
 OPTIMIZERS = ("adamw", "muon", "gmuon")
 # What gram-newton-schulz's restart autotune picks for the Polar-Express schedule with its default one restart (the
 # release's setting): given here, construction skips the autotune and its prints.
-GMUON_RESTARTS = [2]
+GMUON_RESTARTS = (2,)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -62,11 +62,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # gram-newton-schulz torch.compiles its Newton-Schulz (CUDA graphs on GPU); on CPU inductor's C++ build costs
-        # half a minute per weight shape, more than a CPU run's steps take, so there it runs eagerly.
-        first = [p for group in self.muon.param_groups for p in group["params"]][:1]
-        eager = bool(first) and first[0].device.type == "cpu"
-        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+        params = [p for group in self.muon.param_groups for p in group["params"]]
+        with muon_step_context(params[0].device.type if params else "cpu", len(params)):
             self.muon.step()
         self.adamw.step()
         return loss
@@ -85,6 +82,17 @@ class MuonAdamW(torch.optim.Optimizer):
         # (the warmup, a scheduler) would reach nothing that steps. (gram-newton-schulz's Muon keeps its own groups,
         # which its param_groups property returns: those are the ones it steps.)
         self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+
+
+def muon_step_context(device_type: str, tensors: int) -> contextlib.AbstractContextManager:
+    """How a Muon step of `tensors` 2-D tensors on `device_type` runs torch.compile'd code (gram-newton-schulz's; torch's
+    Muon compiles nothing). The package compiles, with fullgraph, its momentum update once per batch of equal shapes
+    and per list length, and its Newton-Schulz per shape: more graphs than dynamo's default recompile limit (8; IG-XL's
+    222 tensors need about 17), which under fullgraph is a hard error, so the limit is raised to one graph per tensor.
+    On CPU it runs eagerly: inductor's C++ build costs half a minute per shape, more than a CPU run's steps take."""
+    if device_type == "cpu":
+        return torch.compiler.set_stance("force_eager")
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, tensors))
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.Optimizer:

@@ -160,15 +160,16 @@ def lr_factor(step: int, train_cfg: DictConfig) -> float:
 
 
 def check_lr_schedule(train_cfg: DictConfig) -> None:
+    """Refuse a warmup or decay (train.warmup_steps, train.lr_decay) that lr_factor cannot follow."""
     if train_cfg.warmup_steps < 0:
         raise UserError(f"train.warmup_steps={train_cfg.warmup_steps}: give a number of steps >= 0 (0 = no warmup)")
     d = train_cfg.lr_decay
     if (d.start is None) != (d.end is None) or (d.start is None) != (d.final_lr is None):
         raise UserError("train.lr_decay: give start, end and final_lr together (all null: no decay), got "
                         f"start={d.start}, end={d.end}, final_lr={d.final_lr}")
-    if d.start is not None and not (0 <= d.start <= d.end and d.final_lr > 0):
-        raise UserError(f"train.lr_decay: need 0 <= start <= end and final_lr > 0, got start={d.start}, end={d.end}, "
-                        f"final_lr={d.final_lr}")
+    if d.start is not None and not (0 <= d.start <= d.end and d.final_lr > 0 and train_cfg.lr > 0):
+        raise UserError(f"train.lr_decay: need 0 <= start <= end and final_lr, train.lr > 0, got start={d.start}, "
+                        f"end={d.end}, final_lr={d.final_lr}, train.lr={train_cfg.lr}")
 
 
 @torch.no_grad()
@@ -206,10 +207,10 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
                 raise
             raise type(e)(f"the waypoint targets of train.waypoints ({features['encoder']}): {e}") from e
         objective.check_targets(info.latent_shape, info.feature_shape)
+    check_lr_schedule(cfg.train)  # before the run folder: a refused schedule must not become the folder's config
     run = RunFolder(cfg.run.dir, acc)
     run.save_config(cfg, may_change=RESUMABLE_CHANGES, defaults=named_config("generator", "base"), upgrade=upgrade_run_config)
     world, rank = acc.num_processes, acc.process_index
-    check_lr_schedule(cfg.train)
     if cfg.train.global_batch % world:
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not divisible by {world} processes")
 
@@ -270,7 +271,7 @@ def train(cfg: DictConfig, latent_cfg: DictConfig) -> Path:
             fields = {k: loss_value if k == "loss" else acc.reduce(v.detach(), "mean").item() for k, v in losses.items()}
             if grad_norm is not None:
                 fields["grad_norm"] = float(grad_norm)
-            fields["lr"] = float(cfg.train.lr) * lr_factor(step - 1, cfg.train)  # the lr of the update just made
+            fields["lr"] = opt.param_groups[-1]["lr"]  # the update just made (AdamW's group: train.lr x the schedule)
             run.log(step=step, **fields)
             bar.set_postfix(loss=f"{fields['loss']:.4f}")
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:

@@ -266,3 +266,39 @@ def test_gmuon_step_is_nesterov_polar_express_scaled_by_the_rms_rule(shape):
     moved = layer.weight.detach().double() - start.double()
     assert torch.equal(layer.weight, package)
     torch.testing.assert_close(moved, reference - start.double(), rtol=0, atol=0.02 * moved.abs().max().item())
+
+
+def test_gmuon_compiled_off_cpu_fits_dynamos_recompile_limit(monkeypatch):
+    """Off the CPU gram-newton-schulz compiles its momentum update and Newton-Schulz with fullgraph: IG-XL's 222 2-D
+    tensors (16 shape batches, 7 list lengths) need more graphs than dynamo's default limit, a hard error at the first
+    step. Here on CPU with dynamo's eager backend (no inductor build) over those tensors, their distinct sizes mapped
+    to small distinct ones: the step fails under the default limit and runs in muon_step_context's."""
+    import gram_newton_schulz.muon.muon as package
+    from gram_newton_schulz import GramNewtonSchulz
+
+    from core.config import compose
+    from core.optim import GMUON_RESTARTS, muon_step_context
+    from generators.registry import build_generator
+
+    cfg = compose("generator", "ditdh_ig_xl")
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for p in build_generator(cfg.model).parameters() if p.requires_grad and p.ndim == 2]
+    small = {d: 2 + i for i, d in enumerate(sorted({d for s in shapes for d in s}))}
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(small[a], small[b])) for a, b in shapes])
+    update = package.muon_update_pre_orthogonalize._torchdynamo_orig_callable
+    opt = build_optimizer(params, cfg.train)
+    opt.muon.newton_schulz = GramNewtonSchulz(ns_use_kernels=False, ns_coefficients=opt.muon.ns_coefficients,
+                                              gram_newton_schulz_reset_iterations=GMUON_RESTARTS,
+                                              compile_kwargs={"fullgraph": True, "backend": "eager"})
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for context, fails in ((torch._dynamo.config.patch(recompile_limit=8), True), (muon_step_context("cuda", 222), False)):
+        torch._dynamo.reset()
+        monkeypatch.setattr(package, "muon_update_pre_orthogonalize", torch.compile(update, fullgraph=True, backend="eager"))
+        with context:
+            if fails:
+                with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+                    opt.muon.step()
+            else:
+                opt.muon.step()
+    torch._dynamo.reset()

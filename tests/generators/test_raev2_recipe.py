@@ -64,7 +64,10 @@ def test_the_decay_needs_its_three_keys_in_order():
     t.lr_decay = {"start": 9, "end": 5, "final_lr": 1e-4}
     with pytest.raises(UserError, match="0 <= start <= end"):
         gtrain.check_lr_schedule(t)
-    t.lr_decay = {"start": None, "end": None, "final_lr": None}
+    t.lr, t.lr_decay = 0.0, {"start": 1, "end": 5, "final_lr": 1e-4}
+    with pytest.raises(UserError, match="train.lr > 0"):
+        gtrain.check_lr_schedule(t)
+    t.lr, t.lr_decay = 1e-3, {"start": None, "end": None, "final_lr": None}
     gtrain.check_lr_schedule(t)
     assert [gtrain.lr_factor(k, t) for k in (0, 10**6)] == [1.0, 1.0]
     t.warmup_steps, t.lr_decay = 4, {"start": 6, "end": 10, "final_lr": 1e-4}  # the warmup and the decay multiply
@@ -147,6 +150,14 @@ RUN = ["model.input_size=4", "model.in_channels=64", "model.num_classes=10", "mo
        "model.options={hidden_size: [32, 48], depth: [3, 1], num_heads: [4, 4]}", "train.global_batch=8",
        "train.lr=1e-3", "train.lr_decay={start: 4, end: 10, final_lr: 1e-4}", "train.log_every=1", "train.ckpt_every=6",
        "train.sample_every=1000", "sample.steps=3", "sample.grid_per_class=1", "sample.grid_classes=[0,1]"]
+
+
+def test_a_refused_schedule_leaves_no_run_folder(raev2_latents, tmp_path):
+    cfg, latent_cfg = gtrain.parse(["--latent", str(raev2_latents), f"run.dir={tmp_path / 'r'}", *RUN,
+                                    "train.lr_decay={start: 9, end: 4, final_lr: 1e-4}"])
+    with pytest.raises(UserError, match="train.lr_decay"):
+        gtrain.train(cfg, latent_cfg)
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_resumed_gmuon_run_equals_the_uninterrupted_one(raev2_latents, tmp_path):
