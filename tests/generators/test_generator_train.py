@@ -219,9 +219,11 @@ def test_an_official_ig_checkpoint_samples_with_the_release_settings(latent_yaml
 
 
 # --- REPA ------------------------------------------------------------------------------------------------------
-# A patch-2 model on the 4x4 latents has a 2x2 token grid, as DINOv2 has on 32 px images (fed 28 px).
-REPA = ["model.repa_depth=1", "model.repa_encoder=dinov2_b", "train.repa.random_init=true",
-        "model.options={hidden_size: 32, depth: 2, num_heads: 2, patch_size: 2}"]
+# A patch-2 model on the 4x4 latents has a 2x2 token grid, as DINOv2 has on 32 px images (fed 28 px). The projector
+# is narrowed from the release's 2048: torch's Muon orthogonalises in bf16, and CPU bf16 matmuls (AVX2, torch 2.14)
+# run at about 1 GFLOP/s, so a 2048x2048 weight alone would cost ten minutes a step.
+REPA_MODEL = "model.options={hidden_size: 32, depth: 2, num_heads: 2, patch_size: %d, repa_projector_dim: 64}"
+REPA = ["model.repa_depth=1", "model.repa_encoder=dinov2_b", "train.repa.random_init=true", REPA_MODEL % 2]
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +278,7 @@ def test_repa_ig_and_muon_resume_equals_uninterrupted(repa_yaml, tmp_path):
 def test_repa_targets_that_do_not_fit_stop_before_the_run_folder(repa_yaml, latent_yaml, tmp_path):
     from core.errors import MismatchError
 
-    patch1 = [*REPA[:3], "model.options={hidden_size: 32, depth: 2, num_heads: 2, patch_size: 1}"]
+    patch1 = [*REPA[:3], REPA_MODEL % 1]
     with pytest.raises(MismatchError, match="4 tokens \\(2x2\\).*16 \\(4x4\\).*interpolate"):
         run(repa_yaml, tmp_path / "g", *patch1)
     with pytest.raises(MismatchError, match="dinov2_b_reg"):
