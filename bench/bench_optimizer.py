@@ -9,7 +9,8 @@ The whole model's step is timed (on GPU after one warm-up step, which holds gram
 tensors (AdamW's) at once, and reports their sum weighted by how many tensors share each shape: an estimate, labelled
 so, for a CPU, where GMuon's fp16 Newton-Schulz makes a step of the released model take hours (2 CPU cores, AVX2,
 torch 2.14: LightningDiT-B/1 18 min by --per-shape; IG-XL's 16 shapes did not finish in 40 min, ~5 h a step by the
-Newton-Schulz FLOPs). Each shape's time goes to stderr as it is measured.
+Newton-Schulz FLOPs). Each shape's time goes to stderr as it is measured. CPU steps are first steps, so they include
+the optimizer's state allocation: small beside Newton-Schulz, but it doubles AdamW's (IG-XL: 8.8 s whole, 18.7 s summed).
 """
 from __future__ import annotations
 
