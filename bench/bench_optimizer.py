@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections import Counter
 
-from common import device_label, emit, sync  # first: puts the repository on sys.path
+from common import device_label, emit, time_steps  # first: puts the repository on sys.path
 import torch
 
 from core.config import compose
@@ -36,12 +34,7 @@ def step_seconds(params: list[torch.nn.Parameter], train_cfg, device: torch.devi
         p.grad = torch.randn_like(p)
     if device.type == "cuda":
         opt.step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    sync(device)
-    return (time.perf_counter() - start) / steps
+    return time_steps(opt.step, steps, device) / steps
 
 
 def main() -> None:
@@ -59,16 +52,15 @@ def main() -> None:
     model = build_generator(cfg.model).to(device)
     trainable = [q for q in model.parameters() if q.requires_grad]
     if args.per_shape:
-        counts = Counter(tuple(q.shape) for q in trainable if q.ndim == 2)
-        firsts = {}
+        by_shape: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
         for q in trainable:
             if q.ndim == 2:
-                firsts.setdefault(tuple(q.shape), q)
+                by_shape.setdefault(tuple(q.shape), []).append(q)
         seconds = 0.0
-        for shape, n in counts.items():
-            one = step_seconds([firsts[shape]], cfg.train, device, args.steps)
-            print(f"{shape}: {one:.2f} s x {n}", file=sys.stderr, flush=True)
-            seconds += n * one
+        for shape, same in by_shape.items():
+            one = step_seconds(same[:1], cfg.train, device, args.steps)
+            print(f"{shape}: {one:.2f} s x {len(same)}", file=sys.stderr, flush=True)
+            seconds += len(same) * one
         seconds += step_seconds([q for q in trainable if q.ndim != 2], cfg.train, device, args.steps)
     else:
         seconds = step_seconds(trainable, cfg.train, device, args.steps)
